@@ -1,0 +1,345 @@
+//! Builds a VM from a [`VmConfig`] and runs it to completion: KVM set-up, guest memory,
+//! ACPI and boot structures, legacy devices, vCPU threads and the I/O thread, then waits
+//! for the first stop reason.
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use ferrio_devices::legacy::{AcpiPmDevice, I8042Device};
+use ferrio_devices::{Bus, GuestEvent, GuestEventSink, InterruptLine, SharedDevice};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::{create_acpi_tables, AcpiConfig};
+use crate::boot::{self, BootSetup};
+use crate::config::{SerialConfig, VmConfig};
+use crate::console::{ConsoleOut, Serial, StdinForwarder};
+use crate::cpu::cpuid::{self, CpuidSpec};
+use crate::cpu::{pvm, regs, vcpu};
+use crate::error::Error;
+use crate::exit::{StopReason, StopSignal};
+use crate::layout::{self, pio};
+use crate::memory;
+
+/// How long a guest that announced a panic may keep running to finish its report
+/// (with `panic=-1` it resets much sooner).
+const PANIC_GRACE: Duration = Duration::from_secs(5);
+
+/// Address of the 3-page TSS region KVM needs on Intel hosts (just below the BIOS).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// An irqfd-backed interrupt line towards the in-kernel irqchip.
+struct IrqFd(EventFd);
+
+impl InterruptLine for IrqFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// An eventfd the I/O thread listens to.
+struct Notify(EventFd);
+
+impl InterruptLine for Notify {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// A VM that was built and is running. Dropping it does not stop the vCPU threads: the
+/// process exits after [`Vm::wait`].
+pub struct Vm {
+    stop: Arc<StopSignal>,
+    serial: Arc<Mutex<Serial>>,
+    _vcpus: Vec<JoinHandle<()>>,
+    _io_thread: JoinHandle<()>,
+    timeout: Option<Duration>,
+    started: Instant,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+impl Vm {
+    /// Builds the VM and starts its vCPUs.
+    pub fn start(config: &VmConfig) -> Result<Self, Error> {
+        let started = Instant::now();
+        let kvm = open_kvm(config)?;
+        let pvm = pvm::host_is_pvm();
+        if pvm {
+            tracing::info!("host KVM is PVM: completing int3/int n for the emulator, hiding CPUID features it cannot run");
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem =
+            memory::create_guest_memory(config.memory_bytes).map_err(|e| Error::GuestMemory {
+                size: config.memory_bytes,
+                detail: e.to_string(),
+            })?;
+        register_memory(&vm, &mem)?;
+
+        let ram_end = memory::ram_end(config.memory_bytes);
+        let rsdp = create_acpi_tables(
+            &mem,
+            &AcpiConfig {
+                vcpus: config.cpus,
+                pci_mmio64_start: layout::pci_mmio64_start(ram_end),
+                pci_mmio64_size: layout::PCI_MMIO64_SIZE,
+            },
+        )?;
+        let entry = boot::load(
+            &mem,
+            &BootSetup {
+                kernel: &config.kernel,
+                initramfs: config.initramfs.as_deref(),
+                cmdline: &config.cmdline,
+                mem_size: config.memory_bytes,
+                rsdp,
+            },
+        )?;
+
+        let stop = Arc::new(StopSignal::new().map_err(io_err("creating the stop eventfd"))?);
+        let events: Arc<dyn GuestEventSink> = stop.clone();
+        let pio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+
+        // COM1, its IRQ and the "guest drained the FIFO" notification.
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating the COM1 irqfd"))?;
+        vm.register_irqfd(&irq, pio::COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+        let drained = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating the console eventfd"))?;
+        let drained_line = drained
+            .try_clone()
+            .map_err(io_err("cloning the console eventfd"))?;
+        let out =
+            ConsoleOut::open(&config.serial, events.clone()).map_err(|source| {
+                match &config.serial {
+                    SerialConfig::File(path) => Error::SerialFile {
+                        path: path.clone(),
+                        source,
+                    },
+                    _ => Error::Io {
+                        what: "opening the console output",
+                        source,
+                    },
+                }
+            })?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            Arc::new(IrqFd(irq)),
+            out,
+            Some(Arc::new(Notify(drained_line))),
+        )));
+        let serial_dev: SharedDevice = serial.clone();
+        pio_bus.insert(serial_dev, pio::COM1, pio::COM1_LEN)?;
+        let i8042: SharedDevice = Arc::new(Mutex::new(I8042Device::new(events.clone())));
+        pio_bus.insert(i8042, pio::I8042, pio::I8042_LEN)?;
+        let acpi_pm: SharedDevice = Arc::new(Mutex::new(AcpiPmDevice::new(
+            events,
+            pio::ACPI_S5_SLP_TYP,
+            pio::ACPI_RESET_VALUE,
+        )));
+        pio_bus.insert(acpi_pm, pio::ACPI_SLEEP_CONTROL, pio::ACPI_REGS_LEN)?;
+
+        let io_thread = spawn_io_thread(&serial, drained, &config.serial, stop.clone())?;
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let ctx = vcpu::VcpuContext {
+            pio: pio_bus,
+            mmio: mmio_bus,
+            mem: mem.clone(),
+            stop: stop.clone(),
+            pvm,
+        };
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for id in 0..config.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let cpuid = cpuid::fixup(
+                &supported,
+                CpuidSpec {
+                    cpu_id: id,
+                    cpu_count: config.cpus,
+                    pvm,
+                },
+            )
+            .map_err(|e| Error::Cpuid(format!("{e:?}")))?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            regs::setup_msrs(&fd)?;
+            regs::setup_fpu(&fd)?;
+            regs::setup_lapic(&fd)?;
+            if id == 0 {
+                regs::setup_boot_vcpu(&fd, &mem, entry)?;
+            }
+            vcpus.push((id, fd));
+        }
+        // Start them only once all exist: the boot vCPU may send INIT/SIPI at once.
+        let handles = vcpus
+            .into_iter()
+            .map(|(id, fd)| vcpu::spawn(id, fd, ctx.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io_err("spawning a vCPU thread"))?;
+        // KVM and the VM fd must outlive the vCPUs, which run until the process exits.
+        std::mem::forget(vm);
+        std::mem::forget(kvm);
+        tracing::debug!("VM started in {:?}", started.elapsed());
+        Ok(Self {
+            stop,
+            serial,
+            _vcpus: handles,
+            _io_thread: io_thread,
+            timeout: config.timeout,
+            started,
+        })
+    }
+
+    /// The stop signal (for SIGINT/SIGTERM handling).
+    pub fn stop_signal(&self) -> &StopSignal {
+        &self.stop
+    }
+
+    /// Blocks until the VM stops or the timeout expires; flushes the console.
+    pub fn wait(&self) -> StopReason {
+        let fd = self.stop.eventfd().as_raw_fd();
+        let mut panic_deadline = None;
+        let reason = loop {
+            if let Some(r) = self.stop.reason() {
+                break r;
+            }
+            if let Some(sig) = crate::exit::caught_signal() {
+                break StopReason::Signal(sig);
+            }
+            if self.stop.has_panicked() {
+                let deadline = *panic_deadline.get_or_insert_with(|| Instant::now() + PANIC_GRACE);
+                if Instant::now() >= deadline {
+                    break StopReason::Guest(GuestEvent::Panic);
+                }
+            }
+            let until_timeout = match self.timeout {
+                Some(t) => match t.checked_sub(self.started.elapsed()) {
+                    Some(r) => r,
+                    None => break StopReason::Timeout(t),
+                },
+                None => Duration::from_secs(3600),
+            };
+            let remaining = match panic_deadline {
+                Some(d) => until_timeout.min(d.saturating_duration_since(Instant::now())),
+                None => until_timeout,
+            };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = remaining.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: `pfd` is a valid pollfd array of length 1 for the call's duration.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        };
+        self.stop.stop(reason.clone());
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = std::io::Write::flush(serial.writer_mut()) {
+            tracing::warn!("console flush failed: {e}");
+        }
+        reason
+    }
+}
+
+fn open_kvm(config: &VmConfig) -> Result<Kvm, Error> {
+    let path = &config.kvm_device;
+    let open_err = |source| Error::KvmOpen {
+        path: path.clone(),
+        source,
+    };
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(open_err)?;
+    let version = kvm.get_api_version();
+    if version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(Error::KvmApiVersion(version));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "IRQCHIP"),
+        (Cap::Irqfd, "IRQFD"),
+        (Cap::Ioeventfd, "IOEVENTFD"),
+        (Cap::UserMemory, "USER_MEMORY"),
+        (Cap::SetTssAddr, "SET_TSS_ADDR"),
+        (Cap::Pit2, "PIT2"),
+        (Cap::ExtCpuid, "EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCap(name));
+        }
+    }
+    let max = kvm.get_max_vcpus();
+    if usize::from(config.cpus) > max {
+        return Err(Error::TooManyVcpus {
+            requested: config.cpus,
+            max,
+        });
+    }
+    Ok(kvm)
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
+        // `mem`; a clone of `mem` (an Arc) is kept by every vCPU thread, which run until
+        // the process exits, so the mapping outlives the VM's use of it.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+fn spawn_io_thread(
+    serial: &Arc<Mutex<Serial>>,
+    drained: EventFd,
+    serial_cfg: &SerialConfig,
+    stop: Arc<StopSignal>,
+) -> Result<JoinHandle<()>, Error> {
+    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| Error::EventManager(format!("{e:?}")))?;
+    if *serial_cfg == SerialConfig::Stdio {
+        let fwd =
+            StdinForwarder::new(serial.clone(), drained).map_err(io_err("duplicating stdin"))?;
+        manager.add_subscriber(Arc::new(Mutex::new(fwd)));
+    }
+    std::thread::Builder::new()
+        .name("io".into())
+        .spawn(move || {
+            while !stop.is_stopping() {
+                if let Err(e) = manager.run_with_timeout(1000) {
+                    stop.stop(StopReason::IoThread(format!("event loop failed: {e:?}")));
+                }
+            }
+        })
+        .map_err(io_err("spawning the I/O thread"))
+}

@@ -1,0 +1,305 @@
+//! Integration tests of the `ferrio` binary's error handling: every bad input must
+//! end in a non-zero exit and a single `ferrio: <error>` line on stderr (clap usage
+//! errors: exit code 2), never in a panic.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long one invocation may take before the test gives up on it.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The result of one run of the binary.
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `ferrio ARGS` with stdin closed and a deadline, capturing its output.
+fn ferrio(args: &[&str]) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrio"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("FERRIO_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferrio");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            pipe.read_to_end(&mut buf).expect("read pipe");
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            child.kill().expect("kill");
+            panic!("ferrio {args:?} still running after {DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        status,
+        stdout: stdout.join().expect("stdout thread"),
+        stderr: stderr.join().expect("stderr thread"),
+    }
+}
+
+/// Asserts stderr holds no panic or backtrace hint.
+fn assert_no_panic(run: &Run) {
+    for bad in ["panicked", "RUST_BACKTRACE"] {
+        assert!(
+            !run.stderr.contains(bad),
+            "stderr mentions {bad}:\n{}",
+            run.stderr
+        );
+    }
+}
+
+/// Asserts a clean runtime error (exit 1, one `ferrio: ` line); returns that line.
+fn expect_error(args: &[&str]) -> String {
+    let run = ferrio(args);
+    assert_no_panic(&run);
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "ferrio {args:?}; stderr:\n{}",
+        run.stderr
+    );
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "want one stderr line for {args:?}, got:\n{}",
+        run.stderr
+    );
+    assert!(
+        lines[0].starts_with("ferrio: "),
+        "bad stderr line: {}",
+        lines[0]
+    );
+    lines[0].to_string()
+}
+
+/// Asserts a clap usage error (exit 2, no panic); returns stderr.
+fn expect_usage_error(args: &[&str]) -> String {
+    let run = ferrio(args);
+    assert_no_panic(&run);
+    assert_eq!(
+        run.status.code(),
+        Some(2),
+        "ferrio {args:?}; stderr:\n{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.trim().is_empty(),
+        "usage error without a message"
+    );
+    run.stderr
+}
+
+/// A temp dir with a file `vmlinux` that passes the kernel format sniff.
+fn workdir() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\0").expect("write kernel");
+    (dir, kernel.display().to_string())
+}
+
+fn path_in(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64), avoiding the ELF magic.
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[3]
+        })
+        .collect();
+    if out.first() == Some(&0x7f) {
+        out[0] = 0;
+    }
+    out
+}
+
+#[test]
+fn missing_kernel_file() {
+    let (dir, _) = workdir();
+    let missing = path_in(dir.path(), "no-such-vmlinux").display().to_string();
+    let line = expect_error(&["run", "--kernel", &missing]);
+    assert!(line.contains(&missing), "{line}");
+}
+
+#[test]
+fn garbage_kernel_file() {
+    let (dir, _) = workdir();
+    let garbage = path_in(dir.path(), "garbage.bin");
+    std::fs::write(&garbage, random_bytes(4096)).expect("write");
+    let garbage = garbage.display().to_string();
+    let line = expect_error(&["run", "--kernel", &garbage]);
+    assert!(line.contains(&garbage), "{line}");
+    assert!(
+        line.contains("vmlinux") && line.contains("bzImage"),
+        "{line}"
+    );
+}
+
+#[test]
+fn kernel_is_a_directory() {
+    let (dir, _) = workdir();
+    let path = dir.path().display().to_string();
+    let line = expect_error(&["run", "--kernel", &path]);
+    assert!(
+        line.contains(&path) && line.contains("not a regular file"),
+        "{line}"
+    );
+}
+
+#[test]
+fn no_kernel_given() {
+    let line = expect_error(&["run"]);
+    assert!(line.contains("--kernel"), "{line}");
+}
+
+#[test]
+fn memory_too_small() {
+    let (_dir, kernel) = workdir();
+    let line = expect_error(&["run", "--kernel", &kernel, "--memory", "1M"]);
+    assert!(line.contains("below the minimum"), "{line}");
+}
+
+#[test]
+fn memory_too_large() {
+    let (_dir, kernel) = workdir();
+    let line = expect_error(&["run", "--kernel", &kernel, "--memory", "100T"]);
+    assert!(
+        line.contains("exceeds the host's physical memory"),
+        "{line}"
+    );
+}
+
+#[test]
+fn memory_not_a_size() {
+    let (_dir, kernel) = workdir();
+    let line = expect_error(&["run", "--kernel", &kernel, "--memory", "12Q"]);
+    assert!(line.contains("invalid size '12Q'"), "{line}");
+}
+
+#[test]
+fn zero_cpus() {
+    let (_dir, kernel) = workdir();
+    let line = expect_error(&["run", "--kernel", &kernel, "--cpus", "0"]);
+    assert!(line.contains("cpus must be at least 1"), "{line}");
+}
+
+#[test]
+fn too_many_cpus() {
+    let (_dir, kernel) = workdir();
+    let line = expect_error(&["run", "--kernel", &kernel, "--cpus", "255"]);
+    assert!(line.contains("maximum of 254"), "{line}");
+}
+
+#[test]
+fn bad_serial_spec() {
+    let (_dir, kernel) = workdir();
+    let line = expect_error(&["run", "--kernel", &kernel, "--serial", "tty"]);
+    assert!(line.contains("serial"), "{line}");
+}
+
+#[test]
+fn zero_timeout() {
+    let (_dir, kernel) = workdir();
+    let line = expect_error(&["run", "--kernel", &kernel, "--timeout", "0"]);
+    assert!(line.contains("timeout"), "{line}");
+}
+
+#[test]
+fn missing_kvm_device() {
+    let (_dir, kernel) = workdir();
+    let line = expect_error(&["run", "--kernel", &kernel, "--kvm-device", "/nonexistent"]);
+    assert!(line.contains("/nonexistent"), "{line}");
+    assert!(line.to_lowercase().contains("kvm"), "{line}");
+}
+
+#[test]
+fn config_file_unknown_key() {
+    let (dir, kernel) = workdir();
+    let file = path_in(dir.path(), "vm.toml");
+    std::fs::write(&file, format!("kernel = {kernel:?}\nbogus_key = 1\n")).expect("write");
+    let file = file.display().to_string();
+    let line = expect_error(&["run", "--config", &file]);
+    assert!(line.contains(&file) && line.contains("bogus_key"), "{line}");
+}
+
+#[test]
+fn json_config_file_unknown_key() {
+    let (dir, _) = workdir();
+    let file = path_in(dir.path(), "vm.json");
+    std::fs::write(&file, r#"{"cpus": 1, "bogus_key": true}"#).expect("write");
+    let file = file.display().to_string();
+    let line = expect_error(&["run", "--config", &file]);
+    assert!(line.contains(&file) && line.contains("bogus_key"), "{line}");
+}
+
+#[test]
+fn config_file_missing() {
+    let (dir, _) = workdir();
+    let file = path_in(dir.path(), "missing.toml").display().to_string();
+    let line = expect_error(&["run", "--config", &file]);
+    assert!(line.contains(&file), "{line}");
+}
+
+#[test]
+fn config_file_unknown_extension() {
+    let (dir, _) = workdir();
+    let file = path_in(dir.path(), "vm.yaml");
+    std::fs::write(&file, "cpus: 1\n").expect("write");
+    let line = expect_error(&["run", "--config", &file.display().to_string()]);
+    assert!(line.contains(".toml or .json"), "{line}");
+}
+
+#[test]
+fn unknown_flag() {
+    let stderr = expect_usage_error(&["run", "--bogus-flag"]);
+    assert!(stderr.contains("--bogus-flag"), "{stderr}");
+}
+
+#[test]
+fn non_numeric_cpus() {
+    let stderr = expect_usage_error(&["run", "--cpus", "many"]);
+    assert!(stderr.contains("--cpus"), "{stderr}");
+}
+
+#[test]
+fn no_subcommand() {
+    expect_usage_error(&[]);
+}
+
+#[test]
+fn version() {
+    let run = ferrio(&["--version"]);
+    assert_no_panic(&run);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(
+        run.stdout.contains(env!("CARGO_PKG_VERSION")),
+        "{}",
+        run.stdout
+    );
+}
