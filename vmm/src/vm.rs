@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -61,6 +62,7 @@ pub struct Vm {
     _io_thread: JoinHandle<()>,
     timeout: Option<Duration>,
     started: Instant,
+    soft_ints: Arc<AtomicU64>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -165,7 +167,9 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let soft_ints = Arc::new(AtomicU64::new(0));
         let ctx = vcpu::VcpuContext {
+            soft_ints: soft_ints.clone(),
             pio: pio_bus,
             mmio: mmio_bus,
             mem: mem.clone(),
@@ -212,6 +216,7 @@ impl Vm {
             _io_thread: io_thread,
             timeout: config.timeout,
             started,
+            soft_ints,
         })
     }
 
@@ -258,6 +263,11 @@ impl Vm {
             unsafe { libc::poll(&mut pfd, 1, ms) };
         };
         self.stop.stop(reason.clone());
+        tracing::info!(
+            "VM ran {:.1} s; {} int3/int n completed for the PVM emulator",
+            self.started.elapsed().as_secs_f64(),
+            self.soft_ints.load(Ordering::Relaxed)
+        );
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = std::io::Write::flush(serial.writer_mut()) {
             tracing::warn!("console flush failed: {e}");

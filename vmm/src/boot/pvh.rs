@@ -80,7 +80,10 @@ mod tests {
         let map = e820_map(128 << 20);
         assert_eq!(info.memmap_entries as usize, map.len());
         let last: hvm_memmap_table_entry = mem
-            .read_obj(GuestAddress(PVH_MEMMAP_START + (map.len() as u64 - 1) * 32))
+            .read_obj(GuestAddress(
+                PVH_MEMMAP_START
+                    + (map.len() as u64 - 1) * std::mem::size_of::<hvm_memmap_table_entry>() as u64,
+            ))
             .unwrap();
         assert_eq!(last.addr, map[map.len() - 1].addr);
         // The module list must not overlap the start info page's successor structures.

@@ -1,6 +1,7 @@
 //! vCPU threads: configuration of each vCPU and the KVM_RUN loop that dispatches exits
 //! to the port-I/O and MMIO buses.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -20,6 +21,8 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     pub stop: Arc<StopSignal>,
     pub pvm: bool,
+    /// Software interrupts completed for the PVM emulator, all vCPUs together.
+    pub soft_ints: Arc<AtomicU64>,
 }
 
 /// Port 0x80 (POST code / I/O delay): written constantly by Linux, meaningless here.
@@ -38,7 +41,6 @@ pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Join
 
 /// Runs the vCPU until the VM stops; an `Err` is a fatal vCPU error.
 fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Result<(), String> {
-    let mut soft_ints: u64 = 0;
     while !ctx.stop.is_stopping() {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -76,9 +78,9 @@ fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Result<(), String> 
             Ok(VcpuExit::InternalError) => {
                 let soft = pvm::handle_internal_error(vcpu, &ctx.mem, ctx.pvm)
                     .map_err(|e| e.to_string())?;
-                soft_ints += 1;
+                let n = ctx.soft_ints.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::trace!(
-                    "vcpu{id}: completed int {:#x} for the emulator ({soft_ints} so far)",
+                    "vcpu{id}: completed int {:#x} for the emulator ({n} so far)",
                     soft.vector
                 );
             }
@@ -92,9 +94,6 @@ fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Result<(), String> 
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => return Err(format!("KVM_RUN failed: {e}")),
         }
-    }
-    if soft_ints > 0 {
-        tracing::debug!("vcpu{id}: completed {soft_ints} software interrupts for the emulator");
     }
     Ok(())
 }
