@@ -38,6 +38,8 @@ pub enum Error {
     Regs(#[from] RegsError),
     #[error("ACPI tables: {0}")]
     Acpi(#[from] AcpiError),
+    #[error("MP table: {0}")]
+    Mptable(#[from] crate::mptable::MptableError),
     #[error("cannot open serial output file {}: {source}", path.display())]
     SerialFile {
         path: PathBuf,

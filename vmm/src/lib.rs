@@ -11,4 +11,5 @@ pub mod error;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod mptable;
 pub mod vm;

@@ -26,7 +26,7 @@ use crate::cpu::{pvm, regs, vcpu};
 use crate::error::Error;
 use crate::exit::{StopReason, StopSignal};
 use crate::layout::{self, pio};
-use crate::memory;
+use crate::{memory, mptable};
 
 /// How long a guest that announced a panic may keep running to finish its report
 /// (with `panic=-1` it resets much sooner).
@@ -109,6 +109,7 @@ impl Vm {
                 pci_mmio64_size: layout::PCI_MMIO64_SIZE,
             },
         )?;
+        mptable::setup_mptable(&mem, config.cpus)?;
         let entry = boot::load(
             &mem,
             &BootSetup {
