@@ -174,6 +174,9 @@ mod tests {
     fn fits_the_ebda_for_the_largest_vm() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         setup_mptable(&mem, crate::config::MAX_VCPUS).unwrap();
-        assert!(matches!(setup_mptable(&mem, u8::MAX), Err(MptableError::TooManyCpus(_))));
+        assert!(matches!(
+            setup_mptable(&mem, u8::MAX),
+            Err(MptableError::TooManyCpus(_))
+        ));
     }
 }
