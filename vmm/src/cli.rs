@@ -64,6 +64,10 @@ pub struct RunArgs {
     /// Serial console output: stdio, none or file=PATH [default: stdio].
     #[arg(long, value_name = "stdio|file=PATH|none")]
     pub serial: Option<String>,
+    /// A virtio-console PCI device: stdio, file=PATH, socket=PATH (listen, wait for one
+    /// client) or none, with an optional `,slot=N` [default: none].
+    #[arg(long, value_name = "BACKEND[,slot=N]")]
+    pub console: Option<String>,
     /// Stop with an error if the VM runs longer than this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
@@ -86,6 +90,7 @@ impl RunArgs {
             memory: self.memory.clone().map(MemoryValue::Text),
             serial: self.serial.clone(),
             timeout: self.timeout,
+            console: self.console.clone(),
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// The KVM device node (default /dev/kvm).
     pub kvm_device: PathBuf,
+    /// A virtio-console PCI device, if any.
+    pub console: Option<ConsoleConfig>,
 }
 
 /// Smallest guest RAM accepted.
@@ -113,6 +115,9 @@ pub enum ConfigError {
     /// The serial spec is not `stdio`, `none` or `file=PATH`.
     #[error("invalid serial spec '{0}' (expected stdio, none or file=PATH)")]
     BadSerial(String),
+    /// A device spec (`--console`, ...) is malformed or conflicts with another.
+    #[error("invalid device spec '{spec}': {reason}")]
+    BadDevice { spec: String, reason: String },
     /// `timeout` is 0.
     #[error("timeout must be at least 1 second")]
     ZeroTimeout,
@@ -252,6 +257,8 @@ pub struct FileConfig {
     pub serial: Option<String>,
     /// Run timeout in seconds.
     pub timeout: Option<u64>,
+    /// virtio-console spec, same syntax as `--console`.
+    pub console: Option<String>,
 }
 
 /// Byte offset to 1-based `line:column`.
@@ -341,6 +348,7 @@ impl ConfigBuilder {
         l.memory = top.memory.or(l.memory.take());
         l.serial = top.serial.or(l.serial.take());
         l.timeout = top.timeout.or(l.timeout);
+        l.console = top.console.or(l.console.take());
         self
     }
 
@@ -400,6 +408,16 @@ impl ConfigBuilder {
             .serial
             .as_deref()
             .map_or(Ok(SerialConfig::Stdio), parse_serial)?;
+        let console = l.console.as_deref().map_or(Ok(None), parse_console)?;
+        if serial == SerialConfig::Stdio
+            && matches!(&console, Some(c) if c.backend == ConsoleBackend::Stdio)
+        {
+            return Err(ConfigError::BadDevice {
+                spec: "stdio".into(),
+                reason: "the serial port already uses stdio: give --serial none or file=PATH"
+                    .into(),
+            });
+        }
         let kernel = l.kernel.ok_or(ConfigError::NoKernel)?;
         if let Err(reason) = check_kernel(&kernel) {
             return Err(ConfigError::Kernel {
@@ -431,6 +449,7 @@ impl ConfigBuilder {
             serial,
             timeout,
             kvm_device,
+            console,
         })
     }
 }
@@ -461,5 +480,8 @@ fn check_kernel(path: &Path) -> Result<(), String> {
     }
 }
 
+mod console;
 #[cfg(test)]
 mod tests;
+
+pub use console::{parse_console, ConsoleBackend, ConsoleConfig, MAX_PCI_SLOT};

@@ -45,6 +45,13 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("console backend {}: {source}", path.display())]
+    ConsoleBackend {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("PCI: {0}")]
+    Pci(String),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

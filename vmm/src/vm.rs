@@ -25,7 +25,9 @@ use crate::cpu::cpuid::{self, CpuidSpec};
 use crate::cpu::{pvm, regs, vcpu};
 use crate::error::Error;
 use crate::exit::{StopReason, StopSignal};
+use crate::interrupts::GsiRouting;
 use crate::layout::{self, pio};
+use crate::pci::{self, PciBuilder};
 use crate::{memory, mptable};
 
 /// How long a guest that announced a panic may keep running to finish its report
@@ -53,9 +55,12 @@ impl InterruptLine for Notify {
     }
 }
 
-/// A VM that was built and is running. Dropping it does not stop the vCPU threads: the
-/// process exits after [`Vm::wait`].
+/// A VM that was built and is running. It owns the KVM and VM descriptors; the process
+/// exits after [`Vm::wait`] while it is still alive (vCPU threads are not joined).
 pub struct Vm {
+    _kvm: Kvm,
+    _vm: Arc<VmFd>,
+    _routing: Arc<GsiRouting>,
     stop: Arc<StopSignal>,
     serial: Arc<Mutex<Serial>>,
     _vcpus: Vec<JoinHandle<()>>,
@@ -82,7 +87,7 @@ impl Vm {
         if pvm {
             tracing::info!("host KVM is PVM: completing int3/int n for the emulator, hiding CPUID features it cannot run");
         }
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip()
@@ -92,6 +97,7 @@ impl Vm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let routing = GsiRouting::new(vm.clone()).map_err(io_err("KVM_SET_GSI_ROUTING"))?;
 
         let mem =
             memory::create_guest_memory(config.memory_bytes).map_err(|e| Error::GuestMemory {
@@ -163,6 +169,14 @@ impl Vm {
         )));
         pio_bus.insert(acpi_pm, pio::ACPI_SLEEP_CONTROL, pio::ACPI_REGS_LEN)?;
 
+        let mut pci = PciBuilder::new(routing.clone(), ram_end)?;
+        if let Some(console) = &config.console {
+            let dev = pci::console::create(&console.backend)?;
+            let address = pci.add_virtio(Box::new(dev), mem.clone(), console.slot)?;
+            tracing::info!(%address, "virtio-console");
+        }
+        pci.attach(vm.clone(), &mmio_bus, &pio_bus)?;
+
         let io_thread = spawn_io_thread(&serial, drained, &config.serial, stop.clone())?;
 
         let supported = kvm
@@ -206,11 +220,11 @@ impl Vm {
             .map(|(id, fd)| vcpu::spawn(id, fd, ctx.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(io_err("spawning a vCPU thread"))?;
-        // KVM and the VM fd must outlive the vCPUs, which run until the process exits.
-        std::mem::forget(vm);
-        std::mem::forget(kvm);
         tracing::debug!("VM started in {:?}", started.elapsed());
         Ok(Self {
+            _kvm: kvm,
+            _vm: vm,
+            _routing: routing,
             stop,
             serial,
             _vcpus: handles,

@@ -224,6 +224,18 @@ fn bad_serial_spec() {
 }
 
 #[test]
+fn bad_console_specs() {
+    let (_dir, kernel) = workdir();
+    let line = expect_error(&["run", "--kernel", &kernel, "--console", "tty"]);
+    assert!(line.contains("invalid device spec 'tty'"), "{line}");
+    let line = expect_error(&["run", "--kernel", &kernel, "--console", "stdio,slot=0"]);
+    assert!(line.contains("slot"), "{line}");
+    // Two devices cannot both read stdin.
+    let line = expect_error(&["run", "--kernel", &kernel, "--console", "stdio"]);
+    assert!(line.contains("serial port already uses stdio"), "{line}");
+}
+
+#[test]
 fn zero_timeout() {
     let (_dir, kernel) = workdir();
     let line = expect_error(&["run", "--kernel", &kernel, "--timeout", "0"]);

@@ -13,6 +13,7 @@
 
 mod console;
 mod parse;
+mod pattern;
 mod report;
 mod scenarios;
 mod sys;

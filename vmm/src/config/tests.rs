@@ -120,11 +120,13 @@ fn toml_and_json_agree() {
     let (k, i) = (dir.path().join("vmlinux"), dir.path().join("initrd"));
     let toml = format!(
         "kernel = {k:?}\ninitramfs = {i:?}\ncmdline = \"quiet\"\ncpus = 2\n\
-         memory = \"1G\"\nserial = \"file=/tmp/s.log\"\ntimeout = 60\n"
+         memory = \"1G\"\nserial = \"file=/tmp/s.log\"\ntimeout = 60\n\
+         console = \"socket=/tmp/c.sock,slot=3\"\n"
     );
     let json = format!(
         r#"{{"kernel": {k:?}, "initramfs": {i:?}, "cmdline": "quiet", "cpus": 2,
-            "memory": 1073741824, "serial": "file=/tmp/s.log", "timeout": 60}}"#
+            "memory": 1073741824, "serial": "file=/tmp/s.log", "timeout": 60,
+            "console": "socket=/tmp/c.sock,slot=3"}}"#
     );
     std::fs::write(dir.path().join("vm.toml"), toml).expect("write");
     std::fs::write(dir.path().join("vm.JSON"), json).expect("write");
@@ -149,6 +151,10 @@ fn toml_and_json_agree() {
             serial: SerialConfig::File("/tmp/s.log".into()),
             timeout: Some(Duration::from_secs(60)),
             kvm_device: "/dev/null".into(),
+            console: Some(ConsoleConfig {
+                backend: ConsoleBackend::Socket("/tmp/c.sock".into()),
+                slot: Some(3),
+            }),
         }
     );
 }

@@ -2,6 +2,9 @@
 //! whose 32-bit entry runs a few port writes. Only general-purpose instructions, so it
 //! runs the same under hardware KVM and under the PVM emulator.
 
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -35,6 +38,31 @@ impl Code {
     /// ACPI S5: SLP_TYP 5, SLP_EN.
     pub fn power_off(self) -> Self {
         self.out(0x600, (5 << 2) | 0x20)
+    }
+
+    /// Writes the 4 bytes of `eax` to COM1, low byte first.
+    fn print_eax(mut self) -> Self {
+        self.0.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+        for _ in 0..4 {
+            self.0.extend([0xee, 0xc1, 0xe8, 0x08]); // out dx, al; shr eax, 8
+        }
+        self
+    }
+
+    /// `mov eax, [addr]` (an MMIO load), then prints eax.
+    pub fn print_mmio32(mut self, addr: u32) -> Self {
+        self.0.push(0xa1);
+        self.0.extend(addr.to_le_bytes());
+        self.print_eax()
+    }
+
+    /// Reads a config dword through 0xCF8/0xCFC, then prints it.
+    pub fn print_cf8(mut self, address: u32) -> Self {
+        self.0.push(0xb8); // mov eax, imm32
+        self.0.extend(address.to_le_bytes());
+        self.0.extend([0x66, 0xba, 0xf8, 0x0c, 0xef]); // mov dx, 0xcf8; out dx, eax
+        self.0.extend([0x66, 0xba, 0xfc, 0x0c, 0xed]); // mov dx, 0xcfc; in eax, dx
+        self.print_eax()
     }
 
     /// `jmp $` forever.

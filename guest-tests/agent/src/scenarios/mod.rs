@@ -5,13 +5,17 @@
 use crate::report::Reporter;
 
 pub mod boot;
+pub mod pci;
 
 /// A scenario entry point.
 pub type Scenario = fn(&mut Reporter);
 
 /// All known scenarios by name.
-pub const SCENARIOS: &[(&str, Scenario)] =
-    &[("boot", boot::run), ("selftest-panic", selftest_panic)];
+pub const SCENARIOS: &[(&str, Scenario)] = &[
+    ("boot", boot::run),
+    ("pci", pci::run),
+    ("selftest-panic", selftest_panic),
+];
 
 /// Panics after one passing check: exercises the agent's panic path (a failing
 /// `panic` result, then DONE and power-off) and the harness's handling of it.

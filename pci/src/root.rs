@@ -1,0 +1,434 @@
+//! The root complex: bus 0 with up to 32 devices of 8 functions, the host bridge at
+//! 00:00.0, and the two configuration access mechanisms (ECAM over MMIO, and
+//! mechanism #1 over ports 0xCF8/0xCFC).
+//!
+//! Accesses are validated here (width 1, 2 or 4, naturally aligned, inside 4 KiB)
+//! before they reach a [`PciDevice`]: an invalid read returns all-ones, an invalid
+//! write is ignored, and an absent function reads all-ones. Config writes return the
+//! BAR decoding changes as `(function, BarMapping)` for the VMM to apply.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::host_bridge::HostBridge;
+use crate::{BarMapping, PciDevice};
+
+/// A PCI function shared between the root complex and the VMM.
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+/// Devices per bus.
+pub const DEVICES_PER_BUS: u8 = 32;
+/// Functions per device.
+pub const FUNCTIONS_PER_DEVICE: u8 = 8;
+/// Size of the ECAM window for bus 0 (the only bus of this root complex).
+pub const ECAM_BUS_SIZE: u64 = 1 << 20;
+/// Port of the configuration address register (mechanism #1).
+pub const CONFIG_ADDRESS_PORT: u16 = 0xcf8;
+/// Ports of mechanism #1: 0xCF8..0xD00 (address dword, then data dword).
+pub const CONFIG_IO_SIZE: u64 = 8;
+
+/// Errors of device registration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PciError {
+    /// Only bus 0 exists.
+    #[error("bus {0} does not exist (only bus 0)")]
+    InvalidBus(u8),
+    /// Device number not in 0..32.
+    #[error("invalid PCI slot {0}")]
+    InvalidSlot(u8),
+    /// Function number not in 0..8.
+    #[error("invalid PCI function {0}")]
+    InvalidFunction(u8),
+    /// The function is already present.
+    #[error("PCI function {0} already in use")]
+    Occupied(PciAddress),
+    /// Every slot of bus 0 is taken.
+    #[error("no free PCI slot")]
+    NoFreeSlot,
+}
+
+/// A function's address on the root bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciAddress {
+    /// Bus number (always 0 here).
+    pub bus: u8,
+    /// Device number, 0..32.
+    pub device: u8,
+    /// Function number, 0..8.
+    pub function: u8,
+}
+
+impl PciAddress {
+    /// Bus 0, `device`, `function` (not validated).
+    pub const fn new(device: u8, function: u8) -> Self {
+        PciAddress {
+            bus: 0,
+            device,
+            function,
+        }
+    }
+
+    /// Device and function packed as `device << 3 | function`.
+    pub fn devfn(&self) -> u8 {
+        (self.device & 0x1f) << 3 | (self.function & 7)
+    }
+
+    fn validate(&self) -> Result<(), PciError> {
+        if self.bus != 0 {
+            Err(PciError::InvalidBus(self.bus))
+        } else if self.device >= DEVICES_PER_BUS {
+            Err(PciError::InvalidSlot(self.device))
+        } else if self.function >= FUNCTIONS_PER_DEVICE {
+            Err(PciError::InvalidFunction(self.function))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "0000:{:02x}:{:02x}.{}",
+            self.bus, self.device, self.function
+        )
+    }
+}
+
+/// Whether a config access of `len` bytes at register `reg` is one the bus carries.
+fn valid_access(reg: u16, len: usize) -> bool {
+    matches!(len, 1 | 2 | 4) && usize::from(reg) % len == 0 && usize::from(reg) + len <= 4096
+}
+
+/// The configuration address register of mechanism #1 (port 0xCF8).
+#[derive(Debug, Default)]
+pub struct ConfigAddressPort {
+    value: AtomicU32,
+}
+
+impl ConfigAddressPort {
+    /// Bits the register keeps: enable, AMD extended register (27:24), bus, device,
+    /// function, register (7:2).
+    pub const MASK: u32 = 0x8fff_fffc;
+    /// Enable bit.
+    pub const ENABLE: u32 = 1 << 31;
+
+    /// The register value.
+    pub fn value(&self) -> u32 {
+        self.value.load(Ordering::SeqCst)
+    }
+
+    /// Stores a 32-bit guest write.
+    pub fn set(&self, value: u32) {
+        self.value.store(value & Self::MASK, Ordering::SeqCst);
+    }
+
+    /// The function and dword-aligned register selected, if enabled (register bits
+    /// 11:8 come from bits 27:24, the AMD extension).
+    pub fn target(&self) -> Option<(PciAddress, u16)> {
+        let v = self.value();
+        if v & Self::ENABLE == 0 {
+            return None;
+        }
+        let addr = PciAddress {
+            bus: (v >> 16) as u8,
+            device: (v >> 11) as u8 & 0x1f,
+            function: (v >> 8) as u8 & 7,
+        };
+        let reg = (v & 0xfc) as u16 | ((v >> 24) as u16 & 0xf) << 8;
+        Some((addr, reg))
+    }
+}
+
+/// The root complex of bus 0.
+pub struct PciRoot {
+    functions: BTreeMap<u8, SharedPciDevice>,
+    config_address: ConfigAddressPort,
+}
+
+impl fmt::Debug for PciRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let present: Vec<String> = self.addresses().iter().map(|a| a.to_string()).collect();
+        f.debug_struct("PciRoot")
+            .field("functions", &present)
+            .field("config_address", &self.config_address.value())
+            .finish()
+    }
+}
+
+impl Default for PciRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciRoot {
+    /// A root bus with the [`HostBridge`] at 00:00.0.
+    pub fn new() -> Self {
+        let mut functions: BTreeMap<u8, SharedPciDevice> = BTreeMap::new();
+        functions.insert(0, Arc::new(Mutex::new(HostBridge::new())));
+        PciRoot {
+            functions,
+            config_address: ConfigAddressPort::default(),
+        }
+    }
+
+    /// Adds `dev` as function 0 of `slot`, or of the first free slot from 1 when
+    /// `slot` is `None`.
+    pub fn add_device(
+        &mut self,
+        slot: Option<u8>,
+        dev: SharedPciDevice,
+    ) -> Result<PciAddress, PciError> {
+        let device = match slot {
+            Some(s) => s,
+            None => (1..DEVICES_PER_BUS)
+                .find(|&d| !self.slot_used(d))
+                .ok_or(PciError::NoFreeSlot)?,
+        };
+        let address = PciAddress::new(device, 0);
+        address.validate()?;
+        if self.slot_used(device) {
+            return Err(PciError::Occupied(address));
+        }
+        self.functions.insert(address.devfn(), dev);
+        tracing::debug!(%address, "PCI device added");
+        Ok(address)
+    }
+
+    /// Adds `dev` at an explicit address (for multi-function devices: the guest scans
+    /// functions 1..8 only if function 0 sets the multi-function header bit).
+    pub fn add_function(
+        &mut self,
+        address: PciAddress,
+        dev: SharedPciDevice,
+    ) -> Result<(), PciError> {
+        address.validate()?;
+        if self.functions.contains_key(&address.devfn()) {
+            return Err(PciError::Occupied(address));
+        }
+        self.functions.insert(address.devfn(), dev);
+        tracing::debug!(%address, "PCI function added");
+        Ok(())
+    }
+
+    fn slot_used(&self, device: u8) -> bool {
+        let first = (device & 0x1f) << 3;
+        self.functions.range(first..=first | 7).next().is_some()
+    }
+
+    /// The function at `address`, if present.
+    pub fn device(&self, address: PciAddress) -> Option<SharedPciDevice> {
+        if address.validate().is_err() {
+            return None;
+        }
+        self.functions.get(&address.devfn()).cloned()
+    }
+
+    /// Addresses of the present functions, in order.
+    pub fn addresses(&self) -> Vec<PciAddress> {
+        self.functions
+            .keys()
+            .map(|&df| PciAddress::new(df >> 3, df & 7))
+            .collect()
+    }
+
+    /// The present functions (host bridge included), in address order: the VMM
+    /// places and maps their BARs at start.
+    pub fn devices(&self) -> Vec<(PciAddress, SharedPciDevice)> {
+        self.functions
+            .iter()
+            .map(|(&df, d)| (PciAddress::new(df >> 3, df & 7), d.clone()))
+            .collect()
+    }
+
+    /// Reads register `reg` of `address` (all-ones if absent or the access is
+    /// invalid).
+    pub fn config_read(&self, address: PciAddress, reg: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        if !valid_access(reg, data.len()) {
+            tracing::debug!(%address, reg, len = data.len(), "invalid config read");
+            return;
+        }
+        if let Some(dev) = self.device(address) {
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_config(reg, data);
+        }
+    }
+
+    /// Writes register `reg` of `address` (ignored if absent or invalid); returns the
+    /// BAR decoding changes.
+    pub fn config_write(
+        &self,
+        address: PciAddress,
+        reg: u16,
+        data: &[u8],
+    ) -> Vec<(PciAddress, BarMapping)> {
+        if !valid_access(reg, data.len()) {
+            tracing::debug!(%address, reg, len = data.len(), "invalid config write");
+            return Vec::new();
+        }
+        let Some(dev) = self.device(address) else {
+            return Vec::new();
+        };
+        let changes = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_config(reg, data);
+        changes.into_iter().map(|m| (address, m)).collect()
+    }
+
+    fn ecam_decode(offset: u64) -> Option<(PciAddress, u16)> {
+        if offset >= 256 * ECAM_BUS_SIZE {
+            return None;
+        }
+        let address = PciAddress {
+            bus: (offset >> 20) as u8,
+            device: (offset >> 15) as u8 & 0x1f,
+            function: (offset >> 12) as u8 & 7,
+        };
+        Some((address, (offset & 0xfff) as u16))
+    }
+
+    /// ECAM read at `offset` from the ECAM base (`bus << 20 | dev << 15 | fn << 12 |
+    /// reg`).
+    pub fn ecam_read(&self, offset: u64, data: &mut [u8]) {
+        match Self::ecam_decode(offset) {
+            Some((address, reg)) => self.config_read(address, reg, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// ECAM write at `offset` from the ECAM base; returns the BAR decoding changes.
+    pub fn ecam_write(&self, offset: u64, data: &[u8]) -> Vec<(PciAddress, BarMapping)> {
+        match Self::ecam_decode(offset) {
+            Some((address, reg)) => self.config_write(address, reg, data),
+            None => Vec::new(),
+        }
+    }
+
+    /// The mechanism #1 address register.
+    pub fn config_address(&self) -> &ConfigAddressPort {
+        &self.config_address
+    }
+
+    /// Port read at `offset` from 0xCF8 (0..4: the address register, dword reads
+    /// only; 4..8: data at `0xCFC + n`).
+    pub fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        match offset {
+            0 if data.len() == 4 => {
+                data.copy_from_slice(&self.config_address.value().to_le_bytes());
+            }
+            4..=7 => {
+                let Some((address, reg)) = self.pio_target(offset, data.len()) else {
+                    return;
+                };
+                self.config_read(address, reg, data);
+            }
+            _ => tracing::debug!(offset, len = data.len(), "ignored 0xcf8 port read"),
+        }
+    }
+
+    /// Port write at `offset` from 0xCF8 (dword writes of the address register, any
+    /// naturally aligned data access); returns the BAR decoding changes.
+    pub fn pio_write(&self, offset: u64, data: &[u8]) -> Vec<(PciAddress, BarMapping)> {
+        match offset {
+            0 if data.len() == 4 => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(data);
+                self.config_address.set(u32::from_le_bytes(b));
+                Vec::new()
+            }
+            4..=7 => match self.pio_target(offset, data.len()) {
+                Some((address, reg)) => self.config_write(address, reg, data),
+                None => Vec::new(),
+            },
+            _ => {
+                tracing::debug!(offset, len = data.len(), "ignored 0xcf8 port write");
+                Vec::new()
+            }
+        }
+    }
+
+    fn pio_target(&self, offset: u64, len: usize) -> Option<(PciAddress, u16)> {
+        let (address, reg) = self.config_address.target()?;
+        let byte = (offset - 4) as u16;
+        (len <= 4 && usize::from(byte) + len <= 4).then_some((address, reg + byte))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host_bridge::HostBridge;
+
+    fn dev() -> SharedPciDevice {
+        Arc::new(Mutex::new(HostBridge::new()))
+    }
+
+    #[test]
+    fn slots() {
+        let mut root = PciRoot::new();
+        assert_eq!(root.add_device(None, dev()), Ok(PciAddress::new(1, 0)));
+        assert_eq!(root.add_device(Some(3), dev()), Ok(PciAddress::new(3, 0)));
+        assert_eq!(root.add_device(None, dev()), Ok(PciAddress::new(2, 0)));
+        assert_eq!(root.add_device(None, dev()), Ok(PciAddress::new(4, 0)));
+        assert_eq!(
+            root.add_device(Some(3), dev()),
+            Err(PciError::Occupied(PciAddress::new(3, 0)))
+        );
+        assert_eq!(
+            root.add_device(Some(0), dev()),
+            Err(PciError::Occupied(PciAddress::new(0, 0)))
+        );
+        assert_eq!(
+            root.add_device(Some(32), dev()),
+            Err(PciError::InvalidSlot(32))
+        );
+        assert_eq!(
+            root.add_function(PciAddress::new(3, 8), dev()),
+            Err(PciError::InvalidFunction(8))
+        );
+        let mut bad = PciAddress::new(5, 0);
+        bad.bus = 1;
+        assert_eq!(root.add_function(bad, dev()), Err(PciError::InvalidBus(1)));
+        assert!(root.add_function(PciAddress::new(5, 1), dev()).is_ok());
+        // A slot with any function present is not free for add_device.
+        assert_eq!(root.add_device(None, dev()), Ok(PciAddress::new(6, 0)));
+        for _ in 7..32 {
+            assert!(root.add_device(None, dev()).is_ok());
+        }
+        assert_eq!(root.add_device(None, dev()), Err(PciError::NoFreeSlot));
+        assert_eq!(root.devices().len(), 32);
+        assert_eq!(PciAddress::new(0x1f, 7).to_string(), "0000:00:1f.7");
+        assert_eq!(PciAddress::new(0x1f, 7).devfn(), 0xff);
+    }
+
+    #[test]
+    fn config_address_register() {
+        let port = ConfigAddressPort::default();
+        assert_eq!(port.target(), None);
+        port.set(0x8000_0000 | 2 << 16 | 3 << 11 | 5 << 8 | 0x47);
+        assert_eq!(port.value(), 0x8002_1d44);
+        assert_eq!(
+            port.target(),
+            Some((
+                PciAddress {
+                    bus: 2,
+                    device: 3,
+                    function: 5
+                },
+                0x44
+            ))
+        );
+        port.set(0x8f00_0010);
+        assert_eq!(port.target(), Some((PciAddress::new(0, 0), 0xf10)));
+        port.set(0x7fff_ffff);
+        assert_eq!(port.target(), None);
+    }
+}
