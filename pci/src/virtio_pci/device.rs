@@ -341,30 +341,14 @@ where
 
     fn bar0_read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let Some(end) = offset.checked_add(data.len() as u64) else {
+        if !bar0_in_range(offset, data.len(), "read")
+            || self.msix.read_bar(layout::BAR_INDEX, offset, data)
+        {
+            return;
+        }
+        let Some((region, rel)) = bar0_region(offset, data.len(), "read") else {
             return;
         };
-        if end > layout::BAR_SIZE || data.is_empty() {
-            debug!(
-                offset,
-                len = data.len(),
-                "virtio-pci: BAR 0 read out of range"
-            );
-            return;
-        }
-        if self.msix.read_bar(layout::BAR_INDEX, offset, data) {
-            return;
-        }
-        let region = offset - offset % layout::REGION_SIZE;
-        let rel = offset - region;
-        if rel + data.len() as u64 > layout::REGION_SIZE {
-            debug!(
-                offset,
-                len = data.len(),
-                "virtio-pci: read across regions ignored"
-            );
-            return;
-        }
         match region {
             layout::COMMON_OFFSET => {
                 self.sync_shared();
@@ -377,30 +361,14 @@ where
     }
 
     fn bar0_write(&mut self, offset: u64, data: &[u8]) {
-        let Some(end) = offset.checked_add(data.len() as u64) else {
+        if !bar0_in_range(offset, data.len(), "write")
+            || self.msix.write_bar(layout::BAR_INDEX, offset, data)
+        {
+            return;
+        }
+        let Some((region, rel)) = bar0_region(offset, data.len(), "write") else {
             return;
         };
-        if end > layout::BAR_SIZE || data.is_empty() {
-            debug!(
-                offset,
-                len = data.len(),
-                "virtio-pci: BAR 0 write out of range"
-            );
-            return;
-        }
-        if self.msix.write_bar(layout::BAR_INDEX, offset, data) {
-            return;
-        }
-        let region = offset - offset % layout::REGION_SIZE;
-        let rel = offset - region;
-        if rel + data.len() as u64 > layout::REGION_SIZE {
-            debug!(
-                offset,
-                len = data.len(),
-                "virtio-pci: write across regions ignored"
-            );
-            return;
-        }
         match region {
             layout::COMMON_OFFSET => self.write_common(rel, data),
             layout::DEVICE_OFFSET => self.device.write_config(rel, data),
@@ -505,6 +473,36 @@ where
         }
         events
     }
+}
+
+/// True when a non-empty access of `len` bytes at `offset` lies inside BAR 0.
+fn bar0_in_range(offset: u64, len: usize, op: &'static str) -> bool {
+    let ok = len > 0
+        && offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= layout::BAR_SIZE);
+    if !ok {
+        debug!(
+            offset,
+            len, op, "virtio-pci: BAR 0 access out of range ignored"
+        );
+    }
+    ok
+}
+
+/// The 4 KiB region of BAR 0 an access falls in and its offset there; `None` when it
+/// straddles two regions.
+fn bar0_region(offset: u64, len: usize, op: &'static str) -> Option<(u64, u64)> {
+    let region = offset - offset % layout::REGION_SIZE;
+    let rel = offset - region;
+    if rel + len as u64 > layout::REGION_SIZE {
+        debug!(
+            offset,
+            len, op, "virtio-pci: BAR 0 access across regions ignored"
+        );
+        return None;
+    }
+    Some((region, rel))
 }
 
 #[cfg(test)]
