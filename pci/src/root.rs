@@ -1,6 +1,10 @@
-//! The root complex: bus 0 with up to 32 devices of 8 functions, the host bridge at
-//! 00:00.0, and the two configuration access mechanisms (ECAM over MMIO, and
-//! mechanism #1 over ports 0xCF8/0xCFC).
+//! The root complex of one PCI segment: bus 0 with up to 32 devices of 8 functions, the
+//! host bridge at 00:00.0, and the two configuration access mechanisms (ECAM over MMIO,
+//! and mechanism #1 over ports 0xCF8/0xCFC).
+//!
+//! A machine may have several segments (PCI domains), one [`PciRoot`] each with its own
+//! ECAM window; addresses carry the segment. Mechanism #1 has no segment field: as on
+//! real hardware it reaches segment 0 only, so only a segment-0 root answers it.
 //!
 //! Accesses are validated here (width 1, 2 or 4, naturally aligned, inside 4 KiB)
 //! before they reach a [`PciDevice`]: an invalid read returns all-ones, an invalid
@@ -35,6 +39,9 @@ pub enum PciError {
     /// Only bus 0 exists.
     #[error("bus {0} does not exist (only bus 0)")]
     InvalidBus(u8),
+    /// The address is on another segment than the root's.
+    #[error("{0} is not on segment {1:04x}")]
+    WrongSegment(PciAddress, u16),
     /// Device number not in 0..32.
     #[error("invalid PCI slot {0}")]
     InvalidSlot(u8),
@@ -49,9 +56,11 @@ pub enum PciError {
     NoFreeSlot,
 }
 
-/// A function's address on the root bus.
+/// A function's address: segment (PCI domain), bus, device, function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PciAddress {
+    /// Segment (PCI domain) number.
+    pub segment: u16,
     /// Bus number (always 0 here).
     pub bus: u8,
     /// Device number, 0..32.
@@ -61,9 +70,15 @@ pub struct PciAddress {
 }
 
 impl PciAddress {
-    /// Bus 0, `device`, `function` (not validated).
+    /// Segment 0, bus 0, `device`, `function` (not validated).
     pub const fn new(device: u8, function: u8) -> Self {
+        Self::in_segment(0, device, function)
+    }
+
+    /// `segment`, bus 0, `device`, `function` (not validated).
+    pub const fn in_segment(segment: u16, device: u8, function: u8) -> Self {
         PciAddress {
+            segment,
             bus: 0,
             device,
             function,
@@ -92,8 +107,8 @@ impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "0000:{:02x}:{:02x}.{}",
-            self.bus, self.device, self.function
+            "{:04x}:{:02x}:{:02x}.{}",
+            self.segment, self.bus, self.device, self.function
         )
     }
 }
@@ -127,13 +142,15 @@ impl ConfigAddressPort {
     }
 
     /// The function and dword-aligned register selected, if enabled (register bits
-    /// 11:8 come from bits 27:24, the AMD extension).
+    /// 11:8 come from bits 27:24, the AMD extension). Always on segment 0: mechanism
+    /// #1 cannot name another.
     pub fn target(&self) -> Option<(PciAddress, u16)> {
         let v = self.value();
         if v & Self::ENABLE == 0 {
             return None;
         }
         let addr = PciAddress {
+            segment: 0,
             bus: (v >> 16) as u8,
             device: (v >> 11) as u8 & 0x1f,
             function: (v >> 8) as u8 & 7,
@@ -143,8 +160,9 @@ impl ConfigAddressPort {
     }
 }
 
-/// The root complex of bus 0.
+/// The root complex of one segment's bus 0.
 pub struct PciRoot {
+    segment: u16,
     functions: BTreeMap<u8, SharedPciDevice>,
     config_address: ConfigAddressPort,
 }
@@ -153,6 +171,7 @@ impl fmt::Debug for PciRoot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let present: Vec<String> = self.addresses().iter().map(|a| a.to_string()).collect();
         f.debug_struct("PciRoot")
+            .field("segment", &self.segment)
             .field("functions", &present)
             .field("config_address", &self.config_address.value())
             .finish()
@@ -166,14 +185,37 @@ impl Default for PciRoot {
 }
 
 impl PciRoot {
-    /// A root bus with the [`HostBridge`] at 00:00.0.
+    /// The root bus of segment 0 with the [`HostBridge`] at 00:00.0.
     pub fn new() -> Self {
+        Self::with_segment(0)
+    }
+
+    /// The root bus of `segment` with the [`HostBridge`] at 00:00.0.
+    pub fn with_segment(segment: u16) -> Self {
         let mut functions: BTreeMap<u8, SharedPciDevice> = BTreeMap::new();
         functions.insert(0, Arc::new(Mutex::new(HostBridge::new())));
         PciRoot {
+            segment,
             functions,
             config_address: ConfigAddressPort::default(),
         }
+    }
+
+    /// The segment this root serves.
+    pub fn segment(&self) -> u16 {
+        self.segment
+    }
+
+    /// `device`.`function` on this root's segment and bus 0.
+    fn address(&self, devfn: u8) -> PciAddress {
+        PciAddress::in_segment(self.segment, devfn >> 3, devfn & 7)
+    }
+
+    fn validate(&self, address: PciAddress) -> Result<(), PciError> {
+        if address.segment != self.segment {
+            return Err(PciError::WrongSegment(address, self.segment));
+        }
+        address.validate()
     }
 
     /// Adds `dev` as function 0 of `slot`, or of the first free slot from 1 when
@@ -189,7 +231,7 @@ impl PciRoot {
                 .find(|&d| !self.slot_used(d))
                 .ok_or(PciError::NoFreeSlot)?,
         };
-        let address = PciAddress::new(device, 0);
+        let address = PciAddress::in_segment(self.segment, device, 0);
         address.validate()?;
         if self.slot_used(device) {
             return Err(PciError::Occupied(address));
@@ -206,7 +248,7 @@ impl PciRoot {
         address: PciAddress,
         dev: SharedPciDevice,
     ) -> Result<(), PciError> {
-        address.validate()?;
+        self.validate(address)?;
         if self.functions.contains_key(&address.devfn()) {
             return Err(PciError::Occupied(address));
         }
@@ -220,9 +262,9 @@ impl PciRoot {
         self.functions.range(first..=first | 7).next().is_some()
     }
 
-    /// The function at `address`, if present.
+    /// The function at `address`, if present (on this root's segment).
     pub fn device(&self, address: PciAddress) -> Option<SharedPciDevice> {
-        if address.validate().is_err() {
+        if self.validate(address).is_err() {
             return None;
         }
         self.functions.get(&address.devfn()).cloned()
@@ -230,10 +272,7 @@ impl PciRoot {
 
     /// Addresses of the present functions, in order.
     pub fn addresses(&self) -> Vec<PciAddress> {
-        self.functions
-            .keys()
-            .map(|&df| PciAddress::new(df >> 3, df & 7))
-            .collect()
+        self.functions.keys().map(|&df| self.address(df)).collect()
     }
 
     /// The present functions (host bridge included), in address order: the VMM
@@ -241,7 +280,7 @@ impl PciRoot {
     pub fn devices(&self) -> Vec<(PciAddress, SharedPciDevice)> {
         self.functions
             .iter()
-            .map(|(&df, d)| (PciAddress::new(df >> 3, df & 7), d.clone()))
+            .map(|(&df, d)| (self.address(df), d.clone()))
             .collect()
     }
 
@@ -282,11 +321,12 @@ impl PciRoot {
         changes.into_iter().map(|m| (address, m)).collect()
     }
 
-    fn ecam_decode(offset: u64) -> Option<(PciAddress, u16)> {
+    fn ecam_decode(&self, offset: u64) -> Option<(PciAddress, u16)> {
         if offset >= 256 * ECAM_BUS_SIZE {
             return None;
         }
         let address = PciAddress {
+            segment: self.segment,
             bus: (offset >> 20) as u8,
             device: (offset >> 15) as u8 & 0x1f,
             function: (offset >> 12) as u8 & 7,
@@ -294,18 +334,19 @@ impl PciRoot {
         Some((address, (offset & 0xfff) as u16))
     }
 
-    /// ECAM read at `offset` from the ECAM base (`bus << 20 | dev << 15 | fn << 12 |
-    /// reg`).
+    /// ECAM read at `offset` from this segment's ECAM base (`bus << 20 | dev << 15 |
+    /// fn << 12 | reg`).
     pub fn ecam_read(&self, offset: u64, data: &mut [u8]) {
-        match Self::ecam_decode(offset) {
+        match self.ecam_decode(offset) {
             Some((address, reg)) => self.config_read(address, reg, data),
             None => data.fill(0xff),
         }
     }
 
-    /// ECAM write at `offset` from the ECAM base; returns the BAR decoding changes.
+    /// ECAM write at `offset` from this segment's ECAM base; returns the BAR decoding
+    /// changes.
     pub fn ecam_write(&self, offset: u64, data: &[u8]) -> Vec<(PciAddress, BarMapping)> {
-        match Self::ecam_decode(offset) {
+        match self.ecam_decode(offset) {
             Some((address, reg)) => self.config_write(address, reg, data),
             None => Vec::new(),
         }
@@ -317,7 +358,9 @@ impl PciRoot {
     }
 
     /// Port read at `offset` from 0xCF8 (0..4: the address register, dword reads
-    /// only; 4..8: data at `0xCFC + n`).
+    /// only; 4..8: data at `0xCFC + n`). Mechanism #1 reaches segment 0 only: on a
+    /// root of another segment, data reads are all-ones (the VMM wires the ports to
+    /// segment 0's root alone).
     pub fn pio_read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         match offset {
@@ -335,7 +378,8 @@ impl PciRoot {
     }
 
     /// Port write at `offset` from 0xCF8 (dword writes of the address register, any
-    /// naturally aligned data access); returns the BAR decoding changes.
+    /// naturally aligned data access); returns the BAR decoding changes. Data writes
+    /// reach segment 0 only (ignored on a root of another segment).
     pub fn pio_write(&self, offset: u64, data: &[u8]) -> Vec<(PciAddress, BarMapping)> {
         match offset {
             0 if data.len() == 4 => {
@@ -410,6 +454,44 @@ mod tests {
     }
 
     #[test]
+    fn segments() {
+        assert_eq!(PciRoot::new().segment(), 0);
+        let a = PciAddress::in_segment(0xabcd, 0x1f, 7);
+        assert_eq!(a.to_string(), "abcd:00:1f.7");
+        assert_eq!(a.devfn(), 0xff);
+        assert!(PciAddress::new(3, 0) < PciAddress::in_segment(1, 0, 0));
+
+        let mut root = PciRoot::with_segment(1);
+        assert_eq!(
+            root.add_device(None, dev()),
+            Ok(PciAddress::in_segment(1, 1, 0))
+        );
+        assert_eq!(
+            root.add_device(Some(1), dev()),
+            Err(PciError::Occupied(PciAddress::in_segment(1, 1, 0)))
+        );
+        let other = PciAddress::new(5, 0);
+        assert_eq!(
+            root.add_function(other, dev()),
+            Err(PciError::WrongSegment(other, 1))
+        );
+        assert_eq!(
+            PciError::WrongSegment(other, 1).to_string(),
+            "0000:00:05.0 is not on segment 0001"
+        );
+        assert!(root
+            .add_function(PciAddress::in_segment(1, 1, 1), dev())
+            .is_ok());
+        assert_eq!(
+            root.addresses(),
+            [(0, 0), (1, 0), (1, 1)].map(|(d, f)| PciAddress::in_segment(1, d, f))
+        );
+        assert!(root.device(PciAddress::new(0, 0)).is_none());
+        assert!(root.device(PciAddress::in_segment(1, 0, 0)).is_some());
+        assert!(format!("{root:?}").contains("segment: 1"));
+    }
+
+    #[test]
     fn config_address_register() {
         let port = ConfigAddressPort::default();
         assert_eq!(port.target(), None);
@@ -419,6 +501,7 @@ mod tests {
             port.target(),
             Some((
                 PciAddress {
+                    segment: 0,
                     bus: 2,
                     device: 3,
                     function: 5

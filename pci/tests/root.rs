@@ -237,3 +237,46 @@ fn enumeration() {
         }
     }
 }
+
+#[test]
+fn non_zero_segment() {
+    let mut root = PciRoot::with_segment(2);
+    assert_eq!(root.segment(), 2);
+    let dev = TestDevice::shared(RecordingVectors::new(8), 8);
+    let shared: SharedPciDevice = dev.clone();
+    let addr = PciAddress::in_segment(2, 1, 0);
+    assert_eq!(root.add_device(None, shared), Ok(addr));
+    assert_eq!(addr.to_string(), "0002:00:01.0");
+    let addrs: Vec<String> = root.devices().iter().map(|(a, _)| a.to_string()).collect();
+    assert_eq!(addrs, vec!["0002:00:00.0", "0002:00:01.0"]);
+    assert!(root.device(addr).is_some());
+    assert!(root.device(PciAddress::new(1, 0)).is_none(), "segment 0");
+
+    // ECAM decodes bus/device/function as on segment 0 (offsets are relative to this
+    // segment's window); BAR reports carry the segment.
+    assert_eq!(er(&root, 0, 4), 0x0008_1b36);
+    assert_eq!(
+        er(&root, ecam(1, 0, 0), 4),
+        u64::from(DEVICE) << 16 | u64::from(VENDOR)
+    );
+    assert_eq!(er(&root, ecam(2, 0, 0), 4), 0xffff_ffff);
+    assert_eq!(er(&root, 1 << 20, 4), 0xffff_ffff);
+    assert!(ew32(&root, ecam(1, 0, 0x10), 0xc000_0000).is_empty());
+    let m = root.ecam_write(ecam(1, 0, 4), &0x0002u16.to_le_bytes());
+    assert_eq!(m.len(), 1);
+    assert_eq!((m[0].0, m[0].1.new), (addr, Some(0xc000_0000)));
+
+    // Mechanism #1 has no segment field and reaches segment 0 only: the address
+    // register decodes as usual (to segment 0), data accesses miss this root.
+    let cfg = 0x8000_0000u32 | 1 << 11 | 0x04;
+    root.pio_write(0, &cfg.to_le_bytes());
+    assert_eq!(
+        root.config_address().target(),
+        Some((PciAddress::new(1, 0), 0x04))
+    );
+    let mut b = [0u8; 4];
+    root.pio_read(4, &mut b);
+    assert_eq!(b, [0xff; 4]);
+    assert!(root.pio_write(4, &0u32.to_le_bytes()).is_empty());
+    assert_eq!(dev.lock().unwrap().cfg.command(), 0x0002, "write ignored");
+}

@@ -9,11 +9,11 @@
 //! ACPI_START  RSDP (16-byte aligned, so the legacy BIOS-area scan finds it too)
 //!             DSDT, FADT, MADT, MCFG, XSDT (each 8-byte aligned)
 //! ```
+//!
+//! Each PCI segment gets an MCFG allocation and a host bridge in the DSDT (`dsdt.rs`).
 
-use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
-    ResourceTemplate, Scope, IO,
-};
+mod dsdt;
+
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
@@ -24,7 +24,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
-use crate::layout::{self, pio};
+use crate::layout::{self, pio, PciSegmentLayout};
 
 /// OEM id of every table.
 const OEM_ID: [u8; 6] = *b"FERRIO";
@@ -48,8 +48,6 @@ const _: () = {
     assert!(pio::ACPI_RESET < 0x1_0000 && pio::ACPI_SLEEP_CONTROL < 0x1_0000);
     assert!(pio::ACPI_SLEEP_STATUS < 0x1_0000 && pio::ACPI_REGS_LEN <= 0xff);
     assert!(pio::PCI_CONFIG + pio::PCI_CONFIG_LEN <= 0x1_0000 && pio::PCI_CONFIG_LEN <= 0xff);
-    assert!(layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE <= 1 << 32);
-    assert!(layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE <= 1 << 32);
     assert!(layout::IOAPIC_START < 1 << 32 && layout::LAPIC_START < 1 << 32);
     // SLP_TYPx is a 3-bit field of the sleep control register.
     assert!(pio::ACPI_S5_SLP_TYP <= 7);
@@ -58,13 +56,12 @@ const _: () = {
 
 /// Machine parameters the tables depend on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AcpiConfig {
+pub struct AcpiConfig<'a> {
     /// Number of vCPUs; their APIC ids (and ACPI processor UIDs) are `0..vcpus`.
     pub vcpus: u8,
-    /// Start of the 64-bit PCI MMIO window.
-    pub pci_mmio64_start: u64,
-    /// Size of the 64-bit PCI MMIO window (0: no window).
-    pub pci_mmio64_size: u64,
+    /// The PCI segments ([`layout::pci_segments`]): one MCFG entry and one host bridge
+    /// each (ids below [`layout::MAX_PCI_SEGMENTS`]).
+    pub pci_segments: &'a [PciSegmentLayout],
 }
 
 /// Errors of [`create_acpi_tables`].
@@ -76,9 +73,13 @@ pub enum AcpiError {
     /// APIC ids must be in 0..=254 (255 is the xAPIC broadcast id) and there must be a vCPU.
     #[error("invalid vCPU count {0} for the MADT (must be 1..=254)")]
     InvalidVcpuCount(u8),
-    /// The 64-bit PCI MMIO window wraps around the address space.
-    #[error("invalid 64-bit PCI MMIO window: start {start:#x}, size {size:#x}")]
-    InvalidMmio64Window { start: u64, size: u64 },
+    /// A PCI segment's window is empty, wraps around the address space, or (32-bit
+    /// window) ends above 4 GiB.
+    #[error("invalid window of PCI segment {segment}: start {start:#x}, size {size:#x}")]
+    InvalidPciWindow { segment: u16, start: u64, size: u64 },
+    /// The DSDT names host bridges `PCI0`..`PCIF`.
+    #[error("PCI segment {0} is out of range (at most {max})", max = layout::MAX_PCI_SEGMENTS - 1)]
+    InvalidPciSegment(u16),
     /// Writing the tables to guest memory failed.
     #[error("cannot write ACPI tables to guest memory: {0}")]
     GuestMemory(#[from] GuestMemoryError),
@@ -96,10 +97,10 @@ pub fn create_acpi_tables<M: GuestMemory>(
     let mut area = TableArea::new(mem);
     // The RSDP needs the XSDT address, which is known last: reserve its slot first.
     let rsdp_addr = area.reserve(Rsdp::len() as u64)?;
-    let dsdt_addr = area.write(&dsdt(cfg)?)?;
+    let dsdt_addr = area.write(&dsdt::dsdt(cfg)?)?;
     let fadt_addr = area.write(&fadt(dsdt_addr))?;
     let madt_addr = area.write(&madt(cfg.vcpus))?;
-    let mcfg_addr = area.write(&mcfg())?;
+    let mcfg_addr = area.write(&mcfg(cfg.pci_segments))?;
     let xsdt_addr = area.write(&xsdt(&[fadt_addr, madt_addr, mcfg_addr]))?;
     area.write_at(rsdp_addr, &to_bytes(&Rsdp::new(OEM_ID, xsdt_addr.0)))?;
     Ok(rsdp_addr)
@@ -171,117 +172,6 @@ fn io_register(port: u64) -> GAS {
     GAS::new(GasSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
-/// DSDT: `\_S5_`, the PCIe host bridge, COM1 and the motherboard resources.
-fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
-    // Linux (ACPICA acpi_get_sleep_type_data) reads SLP_TYPa from element 0 and SLP_TYPb
-    // from element 1; a reduced-hardware sleep writes (SLP_TYPa << 2) | SLP_EN(0x20).
-    let s5 = Name::new(
-        "_S5_".into(),
-        &Package::new(vec![&pio::ACPI_S5_SLP_TYP, &0u8, &0u8, &0u8]),
-    );
-    let mut devices = pci_host_bridge(cfg)?;
-    devices.extend_from_slice(&com1());
-    devices.extend_from_slice(&motherboard_resources());
-    let mut table = empty_table(*b"DSDT", 2);
-    table.append_slice(&to_bytes(&s5));
-    table.append_slice(&Scope::raw("\\_SB_".into(), devices));
-    Ok(table.as_slice().to_vec())
-}
-
-/// `PCI0`: the PCIe host bridge of segment 0 and its resource windows.
-///
-/// No `_ADR`: a device has either `_HID` or `_ADR`, never both (ACPI 6.5 section 6.1).
-fn pci_host_bridge(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
-    let bad_window = AcpiError::InvalidMmio64Window {
-        start: cfg.pci_mmio64_start,
-        size: cfg.pci_mmio64_size,
-    };
-    let mmio64 = match cfg.pci_mmio64_size {
-        0 => None,
-        size => {
-            let end = cfg
-                .pci_mmio64_start
-                .checked_add(size - 1)
-                .ok_or(bad_window)?;
-            Some(AddressSpace::new_memory(
-                AddressSpaceCacheable::NotCacheable,
-                true,
-                cfg.pci_mmio64_start,
-                end,
-                None,
-            ))
-        }
-    };
-    let bus = AddressSpace::<u16>::new_bus_number(0, layout::PCI_ECAM_LAST_BUS.into());
-    let config_port = pio::PCI_CONFIG as u16;
-    let config_io = IO::new(config_port, config_port, 1, pio::PCI_CONFIG_LEN as u8);
-    let io_low = AddressSpace::<u16>::new_io(0, config_port - 1, None);
-    let config_end = config_port + pio::PCI_CONFIG_LEN as u16;
-    // Windows start on a 256-port boundary: 0xcf8..0xcff belongs to the bridge itself.
-    let io_high = AddressSpace::<u16>::new_io(config_end.next_multiple_of(0x100), 0xffff, None);
-    let mmio32 = AddressSpace::<u32>::new_memory(
-        AddressSpaceCacheable::NotCacheable,
-        true,
-        layout::PCI_MMIO32_START as u32,
-        (layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1) as u32,
-        None,
-    );
-    let mut resources: Vec<&dyn Aml> = vec![&bus, &config_io, &io_low, &io_high, &mmio32];
-    if let Some(mmio64) = &mmio64 {
-        resources.push(mmio64);
-    }
-    let crs = ResourceTemplate::new(resources);
-    Ok(to_bytes(&Device::new(
-        "PCI0".into(),
-        vec![
-            &Name::new("_HID".into(), &EISAName::new("PNP0A08")),
-            &Name::new("_CID".into(), &EISAName::new("PNP0A03")),
-            &Name::new("_SEG".into(), &0u8),
-            &Name::new("_UID".into(), &0u8),
-            &Name::new("_BBN".into(), &0u8),
-            &Name::new("_CRS".into(), &crs),
-        ],
-    )))
-}
-
-/// `COM1`: the 16550 UART at 0x3f8, IRQ 4 (edge, active high).
-fn com1() -> Vec<u8> {
-    let port = pio::COM1 as u16;
-    let io = IO::new(port, port, 1, pio::COM1_LEN as u8);
-    let irq = Interrupt::new(true, true, false, false, pio::COM1_IRQ);
-    to_bytes(&Device::new(
-        "COM1".into(),
-        vec![
-            &Name::new("_HID".into(), &EISAName::new("PNP0501")),
-            &Name::new("_UID".into(), &1u8),
-            &Name::new("_CRS".into(), &ResourceTemplate::new(vec![&io, &irq])),
-        ],
-    ))
-}
-
-/// `MBRD`: motherboard resources (PNP0C02) reserving the ECAM window, which Linux requires
-/// before it uses MMCONFIG, and the ACPI sleep/reset ports.
-fn motherboard_resources() -> Vec<u8> {
-    let ecam = Memory32Fixed::new(
-        true,
-        layout::PCI_ECAM_START as u32,
-        layout::PCI_ECAM_SIZE as u32,
-    );
-    let port = pio::ACPI_SLEEP_CONTROL as u16;
-    let acpi_ports = IO::new(port, port, 1, pio::ACPI_REGS_LEN as u8);
-    to_bytes(&Device::new(
-        "MBRD".into(),
-        vec![
-            &Name::new("_HID".into(), &EISAName::new("PNP0C02")),
-            &Name::new("_UID".into(), &0u8),
-            &Name::new(
-                "_CRS".into(),
-                &ResourceTemplate::new(vec![&ecam, &acpi_ports]),
-            ),
-        ],
-    ))
-}
-
 /// FADT (6.5): hardware-reduced, with the sleep control/status and reset registers.
 fn fadt(dsdt_addr: GuestAddress) -> Vec<u8> {
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
@@ -320,10 +210,12 @@ fn madt(vcpus: u8) -> Vec<u8> {
     table.as_slice().to_vec()
 }
 
-/// MCFG: the ECAM window of segment 0.
-fn mcfg() -> Vec<u8> {
+/// MCFG: the ECAM window of every PCI segment.
+fn mcfg(segments: &[PciSegmentLayout]) -> Vec<u8> {
     let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    mcfg.add_ecam(layout::PCI_ECAM_START, 0, 0, layout::PCI_ECAM_LAST_BUS);
+    for s in segments {
+        mcfg.add_ecam(s.ecam_base, s.id, 0, s.last_bus);
+    }
     to_bytes(&mcfg)
 }
 
@@ -345,11 +237,13 @@ mod tests {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
-    fn config(vcpus: u8) -> AcpiConfig {
+    /// RAM up to 64 GiB: segment 0's 64-bit window starts there.
+    const RAM_END: u64 = 0x10_0000_0000;
+
+    fn config(vcpus: u8, pci_segments: &[PciSegmentLayout]) -> AcpiConfig<'_> {
         AcpiConfig {
             vcpus,
-            pci_mmio64_start: 0x10_0000_0000,
-            pci_mmio64_size: layout::PCI_MMIO64_SIZE,
+            pci_segments,
         }
     }
 
@@ -384,14 +278,17 @@ mod tests {
         bytes
     }
 
-    fn contains(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-        haystack.windows(needle.len()).position(|w| w == needle)
+    /// Builds the tables for one PCI segment, checks the RSDP and XSDT, returns
+    /// [RSDP, FADT, MADT, MCFG, DSDT].
+    fn build(vcpus: u8) -> (GuestMemoryMmap<()>, [Vec<u8>; 5]) {
+        build_with(vcpus, 1)
     }
 
-    /// Builds the tables, checks the RSDP and XSDT, returns [RSDP, FADT, MADT, MCFG, DSDT].
-    fn build(vcpus: u8) -> (GuestMemoryMmap<()>, [Vec<u8>; 5]) {
+    /// [`build`] with `segments` PCI segments.
+    fn build_with(vcpus: u8, segments: u16) -> (GuestMemoryMmap<()>, [Vec<u8>; 5]) {
         let mem = memory();
-        let rsdp_addr = create_acpi_tables(&mem, &config(vcpus)).unwrap();
+        let segments = layout::pci_segments(segments, RAM_END);
+        let rsdp_addr = create_acpi_tables(&mem, &config(vcpus, &segments)).unwrap();
         assert_eq!(rsdp_addr, GuestAddress(layout::ACPI_START));
         let rsdp = read(&mem, rsdp_addr.0, 36);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -483,42 +380,22 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_has_s5_and_devices() {
-        let (_, [.., dsdt]) = build(2);
-        // Name(_S5_, Package(4) { SLP_TYP, 0, 0, 0 }): NameOp, name, PackageOp, PkgLength,
-        // NumElements, then SLP_TYPa as a ByteConst (or Zero/One).
-        let s5 = contains(&dsdt, b"\x08_S5_").expect("_S5_") + 5;
-        assert_eq!(dsdt[s5], 0x12);
-        assert_eq!(dsdt[s5 + 2], 4);
-        let slp_typ = match dsdt[s5 + 3] {
-            0x00 => 0,
-            0x01 => 1,
-            0x0a => dsdt[s5 + 4],
-            op => panic!("unexpected opcode {op:#x}"),
-        };
-        assert_eq!(slp_typ, pio::ACPI_S5_SLP_TYP);
-
-        for name in [&b"_SB_"[..], b"PCI0", b"COM1", b"MBRD", b"_CRS"] {
-            assert!(contains(&dsdt, name).is_some());
+    fn three_segments() {
+        let segments = layout::pci_segments(3, RAM_END);
+        let (_, [_, _, _, mcfg, dsdt]) = build_with(2, 3);
+        // One 16-byte allocation per segment: base, segment, start bus, end bus.
+        assert_eq!(mcfg.len(), 36 + 8 + 3 * 16);
+        for (i, s) in segments.iter().enumerate() {
+            let entry = &mcfg[44 + 16 * i..60 + 16 * i];
+            assert_eq!(u64_at(entry, 0), s.ecam_base);
+            assert_eq!(entry[8..12], [s.id as u8, (s.id >> 8) as u8, 0, s.last_bus]);
         }
-        // EISAIDs as DWordConst: PNP0A08 == 0x080ad041, PNP0A03, PNP0501, PNP0C02.
-        for id in [[0x0a, 0x08], [0x0a, 0x03], [0x05, 0x01], [0x0c, 0x02]] {
-            assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, id[0], id[1]]).is_some());
-        }
-        // COM1: IO(Decode16, 0x3f8, 0x3f8, 1, 8) and Interrupt(edge, high, exclusive) { 4 }.
-        assert!(contains(&dsdt, &[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]).is_some());
-        assert!(contains(&dsdt, &[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]).is_some());
-        // ECAM reservation: Memory32Fixed(ReadWrite, PCI_ECAM_START, PCI_ECAM_SIZE).
-        let mut ecam = vec![0x86, 9, 0, 1];
-        ecam.extend_from_slice(&(layout::PCI_ECAM_START as u32).to_le_bytes());
-        ecam.extend_from_slice(&(layout::PCI_ECAM_SIZE as u32).to_le_bytes());
-        assert!(contains(&dsdt, &ecam).is_some());
-        // ACPI ports: IO(Decode16, 0x600, 0x600, 1, 3).
-        assert!(contains(&dsdt, &[0x47, 1, 0, 6, 0, 6, 1, 3]).is_some());
-        // 64-bit window: QWordMemory min/max.
-        let mut mmio64 = 0x10_0000_0000u64.to_le_bytes().to_vec();
-        mmio64.extend_from_slice(&(0x10_0000_0000 + layout::PCI_MMIO64_SIZE - 1).to_le_bytes());
-        assert!(contains(&dsdt, &mmio64).is_some());
+        assert!(segments[1].ecam_base > 1 << 32);
+        // The DSDT's host bridges are tested in dsdt.rs; here: one per segment.
+        let host_bridges = dsdt
+            .windows(5)
+            .filter(|w| *w == [0x0c, 0x41, 0xd0, 0x0a, 0x08]);
+        assert_eq!(host_bridges.count(), 3);
     }
 
     #[test]
@@ -530,19 +407,25 @@ mod tests {
     #[test]
     fn rejects_bad_config() {
         let mem = memory();
+        let mut segments = layout::pci_segments(1, RAM_END);
         for vcpus in [0, 255] {
-            let err = create_acpi_tables(&mem, &config(vcpus)).unwrap_err();
+            let err = create_acpi_tables(&mem, &config(vcpus, &segments)).unwrap_err();
             assert!(matches!(err, AcpiError::InvalidVcpuCount(n) if n == vcpus));
         }
-        let mut cfg = config(1);
-        cfg.pci_mmio64_start = u64::MAX - 0xfff;
-        let err = create_acpi_tables(&mem, &cfg).unwrap_err();
-        assert!(matches!(err, AcpiError::InvalidMmio64Window { .. }));
-        cfg.pci_mmio64_size = 0;
-        assert!(create_acpi_tables(&mem, &cfg).is_ok());
+        segments[0].mmio64 = Some(layout::Window {
+            start: u64::MAX - 0xfff,
+            size: layout::PCI_MMIO64_SIZE,
+        });
+        let err = create_acpi_tables(&mem, &config(1, &segments)).unwrap_err();
+        assert!(matches!(
+            err,
+            AcpiError::InvalidPciWindow { segment: 0, .. }
+        ));
+        segments[0].mmio64 = None;
+        assert!(create_acpi_tables(&mem, &config(1, &segments)).is_ok());
         // Guest memory that does not cover the ACPI area.
         let small = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-        let err = create_acpi_tables(&small, &config(1)).unwrap_err();
+        let err = create_acpi_tables(&small, &config(1, &segments)).unwrap_err();
         assert!(matches!(err, AcpiError::GuestMemory(_)));
         let too_large = TableArea::new(&mem).reserve(layout::ACPI_SIZE + 1);
         assert!(matches!(too_large, Err(AcpiError::TooLarge { .. })));

@@ -39,8 +39,9 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, vm_memory::mmap
     GuestMemoryMmap::from_ranges(&ram_ranges(size))
 }
 
-/// The memory map handed to the guest (PVH memmap or bzImage e820 table).
-pub fn e820_map(size: u64) -> Vec<E820Entry> {
+/// The memory map handed to the guest (PVH memmap or bzImage e820 table), sorted by
+/// address: RAM for `size` bytes, and every PCI segment's ECAM window reserved.
+pub fn e820_map(size: u64, pci_segments: &[PciSegmentLayout]) -> Vec<E820Entry> {
     let low_end = size.min(MMIO_HOLE_START);
     let mut map = vec![
         E820Entry {
@@ -58,12 +59,6 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
             size: low_end - HIMEM_START,
             kind: E820Kind::Ram,
         },
-        // ECAM must be reserved for Linux to trust the MCFG table.
-        E820Entry {
-            addr: PCI_ECAM_START,
-            size: PCI_ECAM_SIZE,
-            kind: E820Kind::Reserved,
-        },
     ];
     if size > low_end {
         map.push(E820Entry {
@@ -72,6 +67,13 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
             kind: E820Kind::Ram,
         });
     }
+    // ECAM must be reserved for Linux to trust the MCFG table.
+    map.extend(pci_segments.iter().map(|s| E820Entry {
+        addr: s.ecam().start,
+        size: s.ecam().size,
+        kind: E820Kind::Reserved,
+    }));
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -83,7 +85,15 @@ mod tests {
     fn small_memory_is_one_low_range() {
         assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
         assert_eq!(ram_end(512 << 20), 512 << 20);
-        let map = e820_map(512 << 20);
+        let map = e820_map(512 << 20, &pci_segments(1, 512 << 20));
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: PCI_ECAM_START,
+                size: PCI_ECAM_SIZE,
+                kind: E820Kind::Reserved
+            }
+        );
         let ram: u64 = map
             .iter()
             .filter(|e| e.kind == E820Kind::Ram)
@@ -107,7 +117,8 @@ mod tests {
         );
         assert_eq!(ram_end(size), RAM_64BIT_START + size - MMIO_HOLE_START);
         // No RAM entry overlaps the hole, and entries are sorted and disjoint.
-        let map = e820_map(size);
+        let map = e820_map(size, &pci_segments(1, ram_end(size)));
+        assert_eq!(map.len(), 5);
         for w in map.windows(2) {
             assert!(w[0].addr + w[0].size <= w[1].addr);
         }
@@ -115,5 +126,24 @@ mod tests {
             .iter()
             .filter(|e| e.kind == E820Kind::Ram)
             .all(|e| e.addr + e.size <= MMIO_HOLE_START || e.addr >= RAM_64BIT_START));
+    }
+
+    #[test]
+    fn every_ecam_window_is_reserved() {
+        let size = 6u64 << 30;
+        let segments = pci_segments(3, ram_end(size));
+        let map = e820_map(size, &segments);
+        for s in &segments {
+            let ecam = s.ecam();
+            assert!(map.contains(&E820Entry {
+                addr: ecam.start,
+                size: ecam.size,
+                kind: E820Kind::Reserved
+            }));
+        }
+        assert_eq!(map.len(), 5 + 2);
+        for w in map.windows(2) {
+            assert!(w[0].addr + w[0].size <= w[1].addr);
+        }
     }
 }

@@ -107,12 +107,12 @@ impl Vm {
         register_memory(&vm, &mem)?;
 
         let ram_end = memory::ram_end(config.memory_bytes);
+        let pci_segments = layout::pci_segments(1, ram_end);
         let rsdp = create_acpi_tables(
             &mem,
             &AcpiConfig {
                 vcpus: config.cpus,
-                pci_mmio64_start: layout::pci_mmio64_start(ram_end),
-                pci_mmio64_size: layout::PCI_MMIO64_SIZE,
+                pci_segments: &pci_segments,
             },
         )?;
         mptable::setup_mptable(&mem, config.cpus)?;
@@ -123,6 +123,7 @@ impl Vm {
                 initramfs: config.initramfs.as_deref(),
                 cmdline: &config.cmdline,
                 mem_size: config.memory_bytes,
+                e820: &memory::e820_map(config.memory_bytes, &pci_segments),
                 rsdp,
             },
         )?;
@@ -169,7 +170,7 @@ impl Vm {
         )));
         pio_bus.insert(acpi_pm, pio::ACPI_SLEEP_CONTROL, pio::ACPI_REGS_LEN)?;
 
-        let mut pci = PciBuilder::new(routing.clone(), ram_end)?;
+        let mut pci = PciBuilder::new(routing.clone(), &pci_segments)?;
         if let Some(console) = &config.console {
             let dev = pci::console::create(&console.backend)?;
             let address = pci.add_virtio(Box::new(dev), mem.clone(), console.slot)?;

@@ -6,7 +6,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{BootError, BootSetup, Initrd};
 use crate::layout::{CMDLINE_START, ZERO_PAGE_START};
-use crate::memory::e820_map;
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
@@ -38,7 +37,7 @@ pub(super) fn write_boot_params(
         params.hdr.ramdisk_size = rd.size as u32;
     }
     params.acpi_rsdp_addr = setup.rsdp.0;
-    let map = e820_map(setup.mem_size);
+    let map = setup.e820;
     for (slot, e) in params
         .e820_table
         .iter_mut()

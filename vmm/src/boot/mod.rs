@@ -13,6 +13,7 @@ use linux_loader::loader::{self, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_HOLE_START};
+use crate::memory::E820Entry;
 
 /// Errors of kernel loading and boot set-up.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,8 @@ pub struct BootSetup<'a> {
     pub initramfs: Option<&'a Path>,
     pub cmdline: &'a str,
     pub mem_size: u64,
+    /// The memory map ([`crate::memory::e820_map`]).
+    pub e820: &'a [E820Entry],
     pub rsdp: GuestAddress,
 }
 
@@ -95,7 +98,7 @@ pub fn load(mem: &GuestMemoryMmap, setup: &BootSetup) -> Result<EntryPoint, Boot
     Ok(match loaded {
         Loaded::Pvh(entry) => EntryPoint::Pvh {
             entry,
-            start_info: pvh::write_start_info(mem, setup.mem_size, initrd, setup.rsdp)?,
+            start_info: pvh::write_start_info(mem, setup.e820, initrd, setup.rsdp)?,
         },
         Loaded::Elf64(entry) => EntryPoint::Linux64 {
             entry,

@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{BootError, Initrd};
 use crate::layout::{CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START};
-use crate::memory::e820_map;
+use crate::memory::E820Entry;
 
 /// "xEn3" with the 0x80 bit of the last byte set.
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
@@ -15,11 +15,10 @@ const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 /// Writes the start info (plus memmap and module list) and returns its address.
 pub(super) fn write_start_info(
     mem: &GuestMemoryMmap,
-    mem_size: u64,
+    map: &[E820Entry],
     initrd: Option<Initrd>,
     rsdp: GuestAddress,
 ) -> Result<GuestAddress, BootError> {
-    let map = e820_map(mem_size);
     let entry_size = std::mem::size_of::<hvm_memmap_table_entry>() as u64;
     for (i, e) in map.iter().enumerate() {
         let entry = hvm_memmap_table_entry {
@@ -70,14 +69,15 @@ mod tests {
             addr: GuestAddress(0x600_0000),
             size: 0x1234,
         };
-        let at = write_start_info(&mem, 128 << 20, Some(rd), GuestAddress(0xe0000)).unwrap();
+        let segments = crate::layout::pci_segments(1, 128 << 20);
+        let map = crate::memory::e820_map(128 << 20, &segments);
+        let at = write_start_info(&mem, &map, Some(rd), GuestAddress(0xe0000)).unwrap();
         let info: hvm_start_info = mem.read_obj(at).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.rsdp_paddr, 0xe0000);
         assert_eq!(info.nr_modules, 1);
         let m: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((m.paddr, m.size), (0x600_0000, 0x1234));
-        let map = e820_map(128 << 20);
         assert_eq!(info.memmap_entries as usize, map.len());
         let last: hvm_memmap_table_entry = mem
             .read_obj(GuestAddress(

@@ -1,7 +1,8 @@
-//! The VMM side of the PCIe bus: builds the root complex (host bridge plus the
-//! configured devices), gives BARs their initial addresses from the 32- and 64-bit
-//! windows, and connects config space (ECAM on the MMIO bus, 0xCF8/0xCFC on the port
-//! bus) so that BAR moves reach [`bars::BarMapper`].
+//! The VMM side of the PCIe bus: builds one root complex per PCI segment (host bridge
+//! plus the configured devices), gives BARs their initial addresses from the segment's
+//! 32- and 64-bit windows, and connects config space (each segment's ECAM window on
+//! the MMIO bus, 0xCF8/0xCFC on the port bus for segment 0) so that BAR moves reach
+//! [`bars::BarMapper`].
 
 mod bars;
 pub mod console;
@@ -20,16 +21,22 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::error::Error;
 use crate::interrupts::{GsiRouting, KvmMsiVectors};
-use crate::layout::{self, pio};
+use crate::layout::{pio, PciSegmentLayout, Window};
 use bars::{BarMapper, PciFunction};
 
 /// Builds the PCI topology before the guest runs.
 pub struct PciBuilder {
+    segments: Vec<SegmentBuilder>,
+    routing: Arc<GsiRouting>,
+}
+
+/// One segment being built: its root complex, BAR windows and functions with BARs.
+struct SegmentBuilder {
+    layout: PciSegmentLayout,
     root: PciRoot,
     functions: BTreeMap<PciAddress, PciFunction>,
-    mmio32: AddressAllocator,
-    mmio64: AddressAllocator,
-    routing: Arc<GsiRouting>,
+    mmio32: Option<AddressAllocator>,
+    mmio64: Option<AddressAllocator>,
 }
 
 fn pci_err(e: impl std::fmt::Display) -> Error {
@@ -37,47 +44,106 @@ fn pci_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl PciBuilder {
-    /// A root complex with only the host bridge; BARs go to the windows the DSDT
-    /// describes (`ram_end` places the 64-bit one).
-    pub fn new(routing: Arc<GsiRouting>, ram_end: u64) -> Result<Self, Error> {
-        let mmio32 = AddressAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)
-            .map_err(pci_err)?;
-        let mmio64 =
-            AddressAllocator::new(layout::pci_mmio64_start(ram_end), layout::PCI_MMIO64_SIZE)
-                .map_err(pci_err)?;
-        Ok(Self {
-            root: PciRoot::new(),
-            functions: BTreeMap::new(),
-            mmio32,
-            mmio64,
-            routing,
-        })
+    /// One root complex with only the host bridge per segment of `segments`
+    /// ([`crate::layout::pci_segments`]); BARs go to the windows the DSDT describes.
+    pub fn new(routing: Arc<GsiRouting>, segments: &[PciSegmentLayout]) -> Result<Self, Error> {
+        let allocator = |w: Option<Window>| {
+            w.map(|w| AddressAllocator::new(w.start, w.size))
+                .transpose()
+                .map_err(pci_err)
+        };
+        let segments = segments
+            .iter()
+            .map(|layout| {
+                Ok(SegmentBuilder {
+                    layout: *layout,
+                    root: PciRoot::with_segment(layout.id),
+                    functions: BTreeMap::new(),
+                    mmio32: allocator(layout.mmio32)?,
+                    mmio64: allocator(layout.mmio64)?,
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(Self { segments, routing })
     }
 
-    /// Adds a virtio device behind a virtio-pci transport at `slot` (or the first free
-    /// one) and returns its address.
+    /// Adds a virtio device behind a virtio-pci transport on segment 0 at `slot` (or
+    /// the first free one) and returns its address.
     pub fn add_virtio(
         &mut self,
         device: Box<dyn VirtioDevice<GuestMemoryMmap>>,
         mem: GuestMemoryMmap,
         slot: Option<u8>,
     ) -> Result<PciAddress, Error> {
+        self.add_virtio_on(0, device, mem, slot)
+    }
+
+    /// [`Self::add_virtio`] on `segment`.
+    pub fn add_virtio_on(
+        &mut self,
+        segment: u16,
+        device: Box<dyn VirtioDevice<GuestMemoryMmap>>,
+        mem: GuestMemoryMmap,
+        slot: Option<u8>,
+    ) -> Result<PciAddress, Error> {
+        let index = self
+            .segments
+            .iter()
+            .position(|s| s.layout.id == segment)
+            .ok_or_else(|| Error::Pci(format!("no PCI segment {segment}")))?;
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1).map_err(pci_err)?;
         let msi: Arc<dyn MsiVectors> =
             Arc::new(KvmMsiVectors::new(self.routing.clone(), vectors).map_err(pci_err)?);
         let dev = VirtioPciDevice::new(device, mem, msi, false).map_err(pci_err)?;
-        self.add(Arc::new(Mutex::new(dev)), slot)
+        self.segments[index].add(Arc::new(Mutex::new(dev)), slot)
     }
 
-    /// Places `dev`'s BARs and plugs it in.
+    /// Connects config space to the buses. BARs get mapped when the guest enables
+    /// memory decoding (as it does in `pci_enable_device`).
+    pub fn attach(self, vm: Arc<VmFd>, mmio: &Arc<Bus>, pio_bus: &Bus) -> Result<(), Error> {
+        for s in self.segments {
+            let ecam = s.layout.ecam();
+            let segment = Arc::new(PciSegment {
+                root: s.root,
+                functions: s.functions,
+                mapper: BarMapper {
+                    mmio: mmio.clone(),
+                    vm: vm.clone(),
+                },
+            });
+            segment.map_decoded_bars();
+            mmio.insert(
+                Arc::new(Mutex::new(EcamDevice(segment.clone()))),
+                ecam.start,
+                ecam.size,
+            )?;
+            // Mechanism #1 has no segment number: it reaches segment 0 only.
+            if s.layout.id == 0 {
+                pio_bus.insert(
+                    Arc::new(Mutex::new(ConfigIoDevice(segment))),
+                    pio::PCI_CONFIG,
+                    pio::PCI_CONFIG_LEN,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SegmentBuilder {
+    /// Places `dev`'s BARs in this segment's windows and plugs it in.
     fn add(&mut self, dev: SharedPciDevice, slot: Option<u8>) -> Result<PciAddress, Error> {
+        let id = self.layout.id;
         let ioevents = {
             let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
             for bar in d.bars() {
-                let window = match bar.kind {
-                    BarKind::Mmio32 => &mut self.mmio32,
-                    BarKind::Mmio64 { .. } => &mut self.mmio64,
+                let (window, kind) = match bar.kind {
+                    BarKind::Mmio32 => (&mut self.mmio32, "32"),
+                    BarKind::Mmio64 { .. } => (&mut self.mmio64, "64"),
                 };
+                let window = window.as_mut().ok_or_else(|| {
+                    Error::Pci(format!("PCI segment {id} has no {kind}-bit BAR window"))
+                })?;
                 let range = window
                     .allocate(bar.size, bar.size, AllocPolicy::FirstMatch)
                     .map_err(|e| {
@@ -97,20 +163,19 @@ impl PciBuilder {
         );
         Ok(address)
     }
+}
 
-    /// Connects config space to the buses. BARs get mapped when the guest enables
-    /// memory decoding (as it does in `pci_enable_device`).
-    pub fn attach(self, vm: Arc<VmFd>, mmio: &Arc<Bus>, pio_bus: &Bus) -> Result<(), Error> {
-        let system = Arc::new(PciSystem {
-            root: self.root,
-            functions: self.functions,
-            mapper: BarMapper {
-                mmio: mmio.clone(),
-                vm,
-            },
-        });
-        // Functions whose memory decoding is already on (none at reset) are mapped now.
-        for (address, f) in &system.functions {
+/// A running segment's root complex and what the VMM needs to follow BAR moves.
+struct PciSegment {
+    root: PciRoot,
+    functions: BTreeMap<PciAddress, PciFunction>,
+    mapper: BarMapper,
+}
+
+impl PciSegment {
+    /// Maps the BARs of functions whose memory decoding is already on (none at reset).
+    fn map_decoded_bars(&self) {
+        for (address, f) in &self.functions {
             let d = f.device.lock().unwrap_or_else(|e| e.into_inner());
             let mapped: Vec<BarMapping> = d
                 .bars()
@@ -127,31 +192,11 @@ impl PciBuilder {
             drop(d);
             for m in mapped {
                 tracing::debug!(%address, "BAR {} at {:#x}", m.index, m.new.unwrap_or(0));
-                system.mapper.apply(f, m);
+                self.mapper.apply(f, m);
             }
         }
-        mmio.insert(
-            Arc::new(Mutex::new(EcamDevice(system.clone()))),
-            layout::PCI_ECAM_START,
-            layout::PCI_ECAM_SIZE,
-        )?;
-        pio_bus.insert(
-            Arc::new(Mutex::new(ConfigIoDevice(system))),
-            pio::PCI_CONFIG,
-            pio::PCI_CONFIG_LEN,
-        )?;
-        Ok(())
     }
-}
 
-/// The running root complex and what the VMM needs to follow BAR moves.
-struct PciSystem {
-    root: PciRoot,
-    functions: BTreeMap<PciAddress, PciFunction>,
-    mapper: BarMapper,
-}
-
-impl PciSystem {
     fn apply(&self, changes: Vec<(PciAddress, BarMapping)>) {
         for (address, m) in changes {
             match self.functions.get(&address) {
@@ -162,8 +207,8 @@ impl PciSystem {
     }
 }
 
-/// ECAM window on the MMIO bus.
-struct EcamDevice(Arc<PciSystem>);
+/// A segment's ECAM window on the MMIO bus.
+struct EcamDevice(Arc<PciSegment>);
 
 impl BusDevice for EcamDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -177,7 +222,7 @@ impl BusDevice for EcamDevice {
 }
 
 /// Configuration mechanism #1 (ports 0xCF8-0xCFF) on the port bus.
-struct ConfigIoDevice(Arc<PciSystem>);
+struct ConfigIoDevice(Arc<PciSegment>);
 
 impl BusDevice for ConfigIoDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
