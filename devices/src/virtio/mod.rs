@@ -7,7 +7,10 @@
 //! [`VirtioDevice::reset`]. Guest memory is any `vm_memory::GuestMemory`, so an IOMMU
 //! translation layer (`vm_memory::IommuMemory`) can stand between device and RAM.
 
+pub mod block;
 pub mod console;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::sync::Arc;
 

@@ -1,0 +1,168 @@
+//! Guest buffers of a request: byte ranges of a descriptor chain, small copies (the
+//! header, the segment list, the device id) and zero-copy transfers between the backend
+//! and guest memory.
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
+
+use super::backend::{BlockBackend, IoBuf, IoBufMut};
+
+/// Guest memory failed under a checked buffer (an IOMMU mapping changed, say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("guest memory access failed")]
+pub struct MemoryError;
+
+/// An ordered list of guest buffers seen as one byte stream (the device-readable or the
+/// device-writable part of a chain). Empty descriptors are left out.
+#[derive(Debug, Default, Clone)]
+pub struct Buffers {
+    parts: Vec<(GuestAddress, u32)>,
+    len: u64,
+}
+
+impl Buffers {
+    /// Appends a buffer (nothing for an empty one).
+    pub fn push(&mut self, addr: GuestAddress, len: u32) {
+        if len > 0 {
+            self.parts.push((addr, len));
+            self.len += u64::from(len);
+        }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether there are no bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces of `start..start + len` (clipped to the stream), as (address, length).
+    pub fn range(&self, start: u64, len: u64) -> Vec<(GuestAddress, usize)> {
+        let end = start.saturating_add(len).min(self.len);
+        let mut out = Vec::new();
+        let mut at = 0u64;
+        for &(addr, part_len) in &self.parts {
+            let part_end = at + u64::from(part_len);
+            let from = start.max(at);
+            let to = end.min(part_end);
+            if from < to {
+                // Offsets inside a part fit in u32, and the lengths in usize.
+                out.push((addr.unchecked_add(from - at), (to - from) as usize));
+            }
+            at = part_end;
+            if at >= end {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Copies `buf.len()` bytes from offset `start` of the stream into `buf`.
+    pub fn read_at<M: GuestMemory>(
+        &self,
+        mem: &M,
+        start: u64,
+        buf: &mut [u8],
+    ) -> Result<(), MemoryError> {
+        let mut done = 0;
+        for (addr, len) in self.range(start, buf.len() as u64) {
+            mem.read_slice(&mut buf[done..done + len], addr)
+                .map_err(|_| MemoryError)?;
+            done += len;
+        }
+        if done == buf.len() {
+            Ok(())
+        } else {
+            Err(MemoryError)
+        }
+    }
+
+    /// Copies `data` to the start of the stream (clipped to its length); returns the
+    /// bytes written.
+    pub fn write_start<M: GuestMemory>(&self, mem: &M, data: &[u8]) -> Result<usize, MemoryError> {
+        let mut done = 0;
+        for (addr, len) in self.range(0, data.len() as u64) {
+            mem.write_slice(&data[done..done + len], addr)
+                .map_err(|_| MemoryError)?;
+            done += len;
+        }
+        Ok(done)
+    }
+}
+
+/// Why a transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("backend I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The guest memory behind `parts`, as volatile slices borrowed from `mem`.
+fn slices<'m, M: GuestMemory>(
+    mem: &'m M,
+    parts: &[(GuestAddress, usize)],
+    access: Permissions,
+) -> Result<Vec<VolatileSlice<'m, vm_memory::bitmap::BS<'m, M::Bitmap>>>, MemoryError> {
+    let mut out = Vec::with_capacity(parts.len());
+    for &(addr, len) in parts {
+        for slice in mem.get_slices(addr, len, access).map_err(|_| MemoryError)? {
+            out.push(slice.map_err(|_| MemoryError)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads from the backend at `offset` straight into the guest buffers `parts`; returns
+/// the bytes read (fewer than asked only at the end of the backend). The written guest
+/// pages are marked dirty.
+pub fn read_into_guest<M: GuestMemory>(
+    mem: &M,
+    parts: &[(GuestAddress, usize)],
+    backend: &dyn BlockBackend,
+    offset: u64,
+) -> Result<usize, TransferError> {
+    let slices = slices(mem, parts, Permissions::Write)?;
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+    let mut bufs: Vec<IoBufMut<'_>> = guards
+        .iter()
+        // SAFETY: each guard comes from a slice of `slices`, which borrows `mem` (so
+        // the guest memory stays mapped) until the end of this function; the guard
+        // keeps its own mapping alive as long as it lives, and `bufs` (borrowing
+        // `guards`) is dropped before both. Guest memory is never a Rust reference, so
+        // the kernel writing into it aliases nothing.
+        .map(|g| unsafe { IoBufMut::from_raw_parts(g.as_ptr(), g.len()) })
+        .collect();
+    let result = backend.read_vectored(offset, &mut bufs);
+    drop(bufs);
+    // Pointer writes bypass the dirty bitmap: account for them (all of the buffers,
+    // whatever was read, to stay on the safe side).
+    for slice in &slices {
+        slice.bitmap().mark_dirty(0, slice.len());
+    }
+    Ok(result?)
+}
+
+/// Writes the guest buffers `parts` to the backend at `offset`, straight from guest
+/// memory; returns the bytes written.
+pub fn write_from_guest<M: GuestMemory>(
+    mem: &M,
+    parts: &[(GuestAddress, usize)],
+    backend: &dyn BlockBackend,
+    offset: u64,
+) -> Result<usize, TransferError> {
+    let slices = slices(mem, parts, Permissions::Read)?;
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
+    let bufs: Vec<IoBuf<'_>> = guards
+        .iter()
+        // SAFETY: each guard comes from a slice of `slices`, which borrows `mem` (so
+        // the guest memory stays mapped) until the end of this function; the guard
+        // keeps its own mapping alive as long as it lives, and `bufs` borrows `guards`.
+        .map(|g| unsafe { IoBuf::from_raw_parts(g.as_ptr(), g.len()) })
+        .collect();
+    Ok(backend.write_vectored(offset, &bufs)?)
+}

@@ -1,0 +1,117 @@
+//! Ring handling of virtio-blk, apart from any thread: pops request chains, runs them
+//! through [`request::process`](super::request::process) and returns them to the used
+//! ring.
+//!
+//! Notification suppression works as in virtio-console: a batch drains with driver
+//! notifications disabled and re-enables them with [`QueueT::enable_notification`],
+//! looping when the driver published more requests meanwhile, so no kick is lost; the
+//! interrupt decision is taken once per batch by [`QueueT::needs_notification`]
+//! (EVENT_IDX aware). A batch stops after a budget of chains so that the worker can
+//! look at its stop signal in between.
+
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemory;
+
+use super::request::{self, Disk};
+
+/// A ring error the device cannot recover from: it must report DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The available ring cannot be read or its index is inconsistent.
+    #[error("malformed available ring: {0}")]
+    AvailRing(#[source] virtio_queue::Error),
+    /// A used element or the used index cannot be written.
+    #[error("cannot write the used ring: {0}")]
+    UsedRing(#[source] virtio_queue::Error),
+    /// The notification suppression fields cannot be accessed.
+    #[error("cannot update notification suppression: {0}")]
+    Notification(#[source] virtio_queue::Error),
+}
+
+/// What one [`process_queue`] call did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Chains returned to the used ring.
+    pub completed: usize,
+    /// Of those, chains that did not complete with VIRTIO_BLK_S_OK (error status, or
+    /// no status byte at all), plus chains skipped because their head index was out
+    /// of range.
+    pub failed: usize,
+    /// The budget ran out with requests possibly left: call again.
+    pub more: bool,
+    /// The driver must be interrupted for this queue.
+    pub notify: bool,
+}
+
+/// Serves up to `budget` available requests of `queue` against `disk`.
+pub fn process_queue<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    disk: &Disk,
+    budget: usize,
+) -> Result<QueueStats, QueueError> {
+    let mut stats = QueueStats::default();
+    let mut seen = 0usize;
+    'batch: loop {
+        queue
+            .disable_notification(mem)
+            .map_err(QueueError::Notification)?;
+        while let Some(chain) = next_chain(queue, mem)? {
+            let head = chain.head_index();
+            let done = request::process(chain, mem, disk);
+            if done.status != Some(0) {
+                stats.failed += 1;
+            }
+            if head >= queue.size() {
+                tracing::debug!("virtio-blk: skipping chain with head index {head} out of range");
+            } else {
+                queue
+                    .add_used(mem, head, done.used_len)
+                    .map_err(QueueError::UsedRing)?;
+                stats.completed += 1;
+            }
+            seen += 1;
+            if seen >= budget {
+                stats.more = true;
+                break 'batch;
+            }
+        }
+        if !queue
+            .enable_notification(mem)
+            .map_err(QueueError::Notification)?
+        {
+            break;
+        }
+    }
+    stats.notify = stats.completed > 0
+        && queue
+            .needs_notification(mem)
+            .map_err(QueueError::Notification)?;
+    Ok(stats)
+}
+
+/// The next available chain, `None` when the ring is empty.
+fn next_chain<'m, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'m M,
+) -> Result<Option<DescriptorChain<&'m M>>, QueueError> {
+    // `AvailIter::next` also answers `None` when the head entry cannot be read; tell
+    // that apart from an empty ring (or a driver publishing right now) by retrying once.
+    for _ in 0..2 {
+        if let Some(chain) = queue.iter(mem).map_err(QueueError::AvailRing)?.next() {
+            return Ok(Some(chain));
+        }
+        let avail = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(QueueError::AvailRing)?;
+        if avail == Wrapping(queue.next_avail()) {
+            return Ok(None);
+        }
+    }
+    Err(QueueError::AvailRing(
+        virtio_queue::Error::InvalidAvailRingIndex,
+    ))
+}
