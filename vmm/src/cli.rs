@@ -68,6 +68,10 @@ pub struct RunArgs {
     /// client) or none, with an optional `,slot=N` [default: none].
     #[arg(long, value_name = "BACKEND[,slot=N]")]
     pub console: Option<String>,
+    /// A virtio-blk disk over a raw image (repeatable; guest order = this order):
+    /// path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N]
+    #[arg(long, value_name = "path=FILE[,...]")]
+    pub disk: Vec<String>,
     /// Stop with an error if the VM runs longer than this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
@@ -91,6 +95,7 @@ impl RunArgs {
             serial: self.serial.clone(),
             timeout: self.timeout,
             console: self.console.clone(),
+            disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
         }
     }
 }

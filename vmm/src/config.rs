@@ -48,6 +48,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// A virtio-console PCI device, if any.
     pub console: Option<ConsoleConfig>,
+    /// virtio-blk devices, in guest order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Smallest guest RAM accepted.
@@ -115,6 +117,9 @@ pub enum ConfigError {
     /// The serial spec is not `stdio`, `none` or `file=PATH`.
     #[error("invalid serial spec '{0}' (expected stdio, none or file=PATH)")]
     BadSerial(String),
+    /// A disk image is missing, not a file or of a bad size.
+    #[error("disk {}: {reason}", path.display())]
+    Disk { path: PathBuf, reason: String },
     /// A device spec (`--console`, ...) is malformed or conflicts with another.
     #[error("invalid device spec '{spec}': {reason}")]
     BadDevice { spec: String, reason: String },
@@ -259,6 +264,8 @@ pub struct FileConfig {
     pub timeout: Option<u64>,
     /// virtio-console spec, same syntax as `--console`.
     pub console: Option<String>,
+    /// virtio-blk specs, same syntax as `--disk`.
+    pub disk: Option<Vec<String>>,
 }
 
 /// Byte offset to 1-based `line:column`.
@@ -349,6 +356,7 @@ impl ConfigBuilder {
         l.serial = top.serial.or(l.serial.take());
         l.timeout = top.timeout.or(l.timeout);
         l.console = top.console.or(l.console.take());
+        l.disk = top.disk.or(l.disk.take());
         self
     }
 
@@ -418,6 +426,12 @@ impl ConfigBuilder {
                     .into(),
             });
         }
+        let disks = l
+            .disk
+            .iter()
+            .flatten()
+            .map(|spec| parse_disk(spec))
+            .collect::<Result<Vec<_>, _>>()?;
         let kernel = l.kernel.ok_or(ConfigError::NoKernel)?;
         if let Err(reason) = check_kernel(&kernel) {
             return Err(ConfigError::Kernel {
@@ -429,6 +443,14 @@ impl ConfigBuilder {
             if let Err(reason) = open_regular(path) {
                 return Err(ConfigError::Initramfs {
                     path: path.clone(),
+                    reason,
+                });
+            }
+        }
+        for d in &disks {
+            if let Err(reason) = check_disk_file(&d.path) {
+                return Err(ConfigError::Disk {
+                    path: d.path.clone(),
                     reason,
                 });
             }
@@ -450,6 +472,7 @@ impl ConfigBuilder {
             timeout,
             kvm_device,
             console,
+            disks,
         })
     }
 }
@@ -481,7 +504,9 @@ fn check_kernel(path: &Path) -> Result<(), String> {
 }
 
 mod console;
+mod disk;
 #[cfg(test)]
 mod tests;
 
 pub use console::{parse_console, ConsoleBackend, ConsoleConfig, MAX_PCI_SLOT};
+pub use disk::{check_disk_file, parse_disk, DiskConfig};

@@ -50,6 +50,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("disk {}: {reason}", path.display())]
+    Disk { path: PathBuf, reason: String },
     #[error("PCI: {0}")]
     Pci(String),
     #[error("{what}: {source}")]

@@ -176,6 +176,10 @@ impl Vm {
             let address = pci.add_virtio(Box::new(dev), mem.clone(), console.slot)?;
             tracing::info!(%address, "virtio-console");
         }
+        for d in &config.disks {
+            let address = pci.add_virtio(Box::new(pci::disk::create(d)?), mem.clone(), d.slot)?;
+            tracing::info!(%address, path = %d.path.display(), "virtio-blk");
+        }
         pci.attach(vm.clone(), &mmio_bus, &pio_bus)?;
 
         let io_thread = spawn_io_thread(&serial, drained, &config.serial, stop.clone())?;

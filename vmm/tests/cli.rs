@@ -236,6 +236,35 @@ fn bad_console_specs() {
 }
 
 #[test]
+fn bad_disks() {
+    let (dir, kernel) = workdir();
+    let missing = path_in(dir.path(), "missing.img");
+    let line = expect_error(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--disk",
+        &format!("path={}", missing.display()),
+    ]);
+    assert!(
+        line.contains("missing.img") && line.contains("No such file"),
+        "{line}"
+    );
+    let odd = path_in(dir.path(), "odd.img");
+    std::fs::File::create(&odd).unwrap().set_len(1000).unwrap();
+    let line = expect_error(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--disk",
+        &format!("path={}", odd.display()),
+    ]);
+    assert!(line.contains("multiple of 512"), "{line}");
+    let line = expect_error(&["run", "--kernel", &kernel, "--disk", "path=/x,queue_size=3"]);
+    assert!(line.contains("queue_size"), "{line}");
+}
+
+#[test]
 fn zero_timeout() {
     let (_dir, kernel) = workdir();
     let line = expect_error(&["run", "--kernel", &kernel, "--timeout", "0"]);

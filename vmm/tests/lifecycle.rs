@@ -123,3 +123,75 @@ fn config_file_boots_the_same_guest() {
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "via config\n");
 }
+
+#[test]
+fn a_writable_disk_image_is_locked_against_a_second_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k.elf");
+    Code::default().spin().write_elf(&k);
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let rw = format!("path={}", img.display());
+    let ro = format!("path={},readonly=on", img.display());
+    // The first VMM holds the image while its guest spins.
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_ferrio"))
+        .args([
+            "run",
+            "--memory",
+            "64M",
+            "--timeout",
+            "20",
+            "--serial",
+            "none",
+            "--kernel",
+        ])
+        .arg(&k)
+        .args(["--disk", &rw])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for spec in [&rw, &ro] {
+        let o = ferrio(&k, &["--disk", spec, "--timeout", "5"]);
+        assert_eq!(o.status.code(), Some(1), "{spec}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("in use by another process"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Readers share an image: one spins holding a shared lock, another boots beside it.
+    let spin = dir.path().join("spin.elf");
+    Code::default().spin().write_elf(&spin);
+    Code::default().power_off().write_elf(&k);
+    let mut reader = std::process::Command::new(env!("CARGO_BIN_EXE_ferrio"))
+        .args([
+            "run",
+            "--memory",
+            "64M",
+            "--timeout",
+            "20",
+            "--serial",
+            "none",
+            "--kernel",
+        ])
+        .arg(&spin)
+        .args(["--disk", &ro])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "the first reader is still running"
+    );
+    let o = ferrio(&k, &["--disk", &ro]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let _ = reader.kill();
+    let _ = reader.wait();
+}

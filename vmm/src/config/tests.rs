@@ -155,6 +155,7 @@ fn toml_and_json_agree() {
                 backend: ConsoleBackend::Socket("/tmp/c.sock".into()),
                 slot: Some(3),
             }),
+            disks: vec![],
         }
     );
 }

@@ -6,6 +6,7 @@
 
 mod bars;
 pub mod console;
+pub mod disk;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
