@@ -1,6 +1,7 @@
 //! `ferrio` command-line entry point: parse, build the VM, run it, map the outcome to
 //! an exit code. Errors are one line on stderr, never a panic or backtrace.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;

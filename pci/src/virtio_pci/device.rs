@@ -110,7 +110,8 @@ where
             },
             size: layout::BAR_SIZE,
         })?;
-        config.add_pcie_capability(PciePortType::Endpoint)?;
+        // On bus 0 with no root port above it: a root-complex integrated endpoint.
+        config.add_pcie_capability(PciePortType::RootComplexIntegratedEndpoint)?;
         let msix = Msix::new(
             &mut config,
             MsixConfig {
