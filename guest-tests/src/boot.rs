@@ -109,13 +109,13 @@ pub fn run_with(ferrio: &Path, image: &GuestImage, boot: &Boot) -> Result<Outcom
 }
 
 /// A line of the VMM's stdout, or its end.
-enum Line {
+pub(crate) enum Line {
     Text(String),
     Eof,
 }
 
 /// Reads `r` line by line (lossy UTF-8, `\r` stripped) into `tx`.
-fn pump_lines(r: impl Read, tx: mpsc::Sender<Line>) {
+pub(crate) fn pump_lines(r: impl Read, tx: mpsc::Sender<Line>) {
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
     loop {
@@ -134,7 +134,7 @@ fn pump_lines(r: impl Read, tx: mpsc::Sender<Line>) {
     let _ = tx.send(Line::Eof);
 }
 
-fn log_file(scenario: &str) -> Result<(PathBuf, File)> {
+pub(crate) fn log_file(scenario: &str) -> Result<(PathBuf, File)> {
     let dir = work_dir().join("logs");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
     let stamp = SystemTime::now()
@@ -148,7 +148,7 @@ fn log_file(scenario: &str) -> Result<(PathBuf, File)> {
 }
 
 /// Kills the child's whole process group (it was spawned as a group leader).
-fn kill(child: &mut Child) {
+pub(crate) fn kill(child: &mut Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
         // SAFETY: signals our own child's process group only.
         unsafe { libc::kill(-pid, libc::SIGKILL) };

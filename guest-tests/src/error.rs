@@ -27,6 +27,9 @@ pub enum Error {
     /// A file named by the manifest does not exist.
     #[error("{0}: missing (rerun resources/build-guest.sh)")]
     MissingFile(PathBuf),
+    /// A running guest did not do what a test waited for (see [`crate::LiveGuest`]).
+    #[error("{0}")]
+    Guest(String),
 }
 
 impl Error {

@@ -8,9 +8,11 @@
 mod boot;
 mod error;
 mod image;
+mod live;
 mod outcome;
 mod protocol;
 mod qemu;
+mod scratch;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -18,9 +20,11 @@ use std::path::{Path, PathBuf};
 pub use boot::{boot_lock, run, run_command, run_with, Boot};
 pub use error::{Error, Result};
 pub use image::{ensure_image, ferrio_binary, read_manifest, GuestImage};
+pub use live::LiveGuest;
 pub use outcome::Outcome;
 pub use protocol::{parse_line, CheckResult, Done, Event};
 pub use qemu::{qemu_command, QEMU_BIOS};
+pub use scratch::ScratchImage;
 
 /// The workspace root (the directory holding `resources/` and `guest-tests/`).
 pub fn repo_root() -> PathBuf {

@@ -12,6 +12,7 @@
 //! scenario may be given with the `FERRIO_SCENARIO` environment variable.
 
 mod console;
+mod disk;
 mod parse;
 mod pattern;
 mod report;

@@ -4,6 +4,7 @@
 
 use crate::report::Reporter;
 
+pub mod blk;
 pub mod boot;
 pub mod pci;
 
@@ -14,6 +15,8 @@ pub type Scenario = fn(&mut Reporter);
 pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("boot", boot::run),
     ("pci", pci::run),
+    ("blk", blk::run),
+    ("blk-durable", blk::run_durable),
     ("selftest-panic", selftest_panic),
 ];
 
@@ -44,6 +47,8 @@ mod tests {
     fn boot_is_registered() {
         assert!(super::find("boot").is_some());
         assert!(super::find("nope").is_none());
+        assert!(super::find("blk").is_some());
+        assert!(super::find("blk-durable").is_some());
         assert!(super::names().split(',').any(|n| n == "boot"));
     }
 }
