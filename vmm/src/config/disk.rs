@@ -1,10 +1,10 @@
-//! `--disk path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N]`
+//! `--disk path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N][,io_engine=sync|uring]`
 //! (virtio-blk over a raw image). Repeatable; disks get PCI slots in the order given, so
 //! a Linux guest names them vda, vdb, ... in that order.
 
 use std::path::{Path, PathBuf};
 
-use ferrio_devices::virtio::block::MAX_QUEUES;
+use ferrio_devices::virtio::block::{IoEngine, MAX_QUEUES};
 
 use super::console::MAX_PCI_SLOT;
 use super::ConfigError;
@@ -25,6 +25,8 @@ pub struct DiskConfig {
     pub queue_size: u16,
     pub serial: Option<String>,
     pub slot: Option<u8>,
+    /// How requests are executed (`sync`, the default, or `uring`).
+    pub io_engine: IoEngine,
 }
 
 fn bad(spec: &str, why: impl Into<String>) -> ConfigError {
@@ -52,6 +54,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         queue_size: 256,
         serial: None,
         slot: None,
+        io_engine: IoEngine::Sync,
     };
     for opt in spec.split(',') {
         let Some((key, v)) = opt.split_once('=') else {
@@ -99,6 +102,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
                         .ok_or_else(|| bad(spec, "slot must be 1..=31 (0 is the host bridge)"))?,
                 );
             }
+            "io_engine" => d.io_engine = v.parse().map_err(|e: String| bad(spec, e))?,
             _ => return Err(bad(spec, format!("unknown option `{opt}`"))),
         }
     }
@@ -138,7 +142,7 @@ mod tests {
     #[test]
     fn full_and_minimal_specs() {
         let d = parse_disk(
-            "path=/img,readonly=on,direct=on,num_queues=4,queue_size=128,serial=abc-1,slot=7",
+            "path=/img,readonly=on,direct=on,num_queues=4,queue_size=128,serial=abc-1,slot=7,io_engine=uring",
         )
         .unwrap();
         assert_eq!(
@@ -151,6 +155,7 @@ mod tests {
                 queue_size: 128,
                 serial: Some("abc-1".into()),
                 slot: Some(7),
+                io_engine: IoEngine::Uring,
             }
         );
         let d = parse_disk("path=/img").unwrap();
@@ -158,6 +163,9 @@ mod tests {
             (d.read_only, d.num_queues, d.queue_size, d.slot),
             (false, 1, 256, None)
         );
+        assert_eq!(d.io_engine, IoEngine::Sync);
+        let d = parse_disk("path=/img,io_engine=sync").unwrap();
+        assert_eq!(d.io_engine, IoEngine::Sync);
     }
 
     #[test]
@@ -177,6 +185,8 @@ mod tests {
             "path=/i,serial=has space",
             "path=/i,slot=0",
             "path=/i,bogus=1",
+            "path=/i,io_engine=aio",
+            "path=/i,io_engine=",
         ] {
             assert!(parse_disk(spec).is_err(), "{spec:?} accepted");
         }

@@ -43,7 +43,9 @@ pub fn create(d: &DiskConfig) -> Result<VirtioBlock, Error> {
         serial: d.serial.clone(),
         num_queues: d.num_queues,
         queue_size: d.queue_size,
+        io_engine: d.io_engine,
         ..BlockConfig::default()
     };
+    // With io_engine=uring this fails here, at VMM start, if io_uring is unusable.
     VirtioBlock::new(Box::new(backend), config).map_err(|e| err(e.to_string()))
 }

@@ -5,8 +5,7 @@
 //! request is one `preadv`/`pwritev` with no bounce copy. The request layer builds them
 //! from `vm_memory` slices and keeps those slices (and their pointer guards) alive for
 //! the duration of each call. [`FileBackend`] serves a raw image file (or a block
-//! device) with synchronous system calls; an io_uring backend can implement the same
-//! trait later.
+//! device) with synchronous system calls, and exposes its file to the io_uring engine.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -151,6 +150,12 @@ pub trait BlockBackend: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
     /// Size of the storage in bytes.
     fn size(&self) -> u64;
+    /// The file holding the sectors as they are (offset for offset), for an engine that
+    /// submits I/O on it directly (io_uring); `None` when the backend is not such a
+    /// file. The descriptor stays open as long as the backend lives.
+    fn raw_file(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// A raw disk image (a regular file or a block device) served with
@@ -264,6 +269,10 @@ impl BlockBackend for FileBackend {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn raw_file(&self) -> Option<RawFd> {
+        Some(self.fd())
     }
 }
 

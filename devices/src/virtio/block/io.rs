@@ -3,6 +3,7 @@
 //! and guest memory.
 
 use vm_memory::bitmap::Bitmap;
+use vm_memory::volatile_memory::{PtrGuard, PtrGuardMut};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
 use super::backend::{BlockBackend, IoBuf, IoBufMut};
@@ -165,4 +166,73 @@ pub fn write_from_guest<M: GuestMemory>(
         .map(|g| unsafe { IoBuf::from_raw_parts(g.as_ptr(), g.len()) })
         .collect();
     Ok(backend.write_vectored(offset, &bufs)?)
+}
+
+/// Pointer guards on guest buffers and the `iovec`s describing them, for an engine that
+/// hands the buffers to the kernel and gets them back later (io_uring). Built like the
+/// synchronous transfers above, but owned: the guards live as long as this value.
+pub struct GuestIovecs {
+    /// Keep the mappings of the buffers alive (they unmap nothing for plain mmap'ed
+    /// memory, but do for on-demand mappings such as Xen's).
+    _guards: Guards,
+    /// One per guest slice, in stream order. Its heap buffer never moves, so pointers
+    /// into it stay valid while the value is moved around.
+    pub iovs: Vec<libc::iovec>,
+}
+
+// The guards are only held, never read.
+#[allow(dead_code)]
+enum Guards {
+    Read(Vec<PtrGuard>),
+    Write(Vec<PtrGuardMut>),
+}
+
+impl GuestIovecs {
+    /// The guest buffers `parts`: device-writable (`to_guest`, the data of a read) or
+    /// device-readable.
+    pub fn new<M: GuestMemory>(
+        mem: &M,
+        parts: &[(GuestAddress, usize)],
+        to_guest: bool,
+    ) -> Result<Self, MemoryError> {
+        let access = if to_guest {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        let slices = slices(mem, parts, access)?;
+        let (guards, iovs) = if to_guest {
+            let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+            let iovs = guards.iter().map(|g| iovec(g.as_ptr(), g.len())).collect();
+            (Guards::Write(guards), iovs)
+        } else {
+            let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
+            let iovs = guards
+                .iter()
+                .map(|g| iovec(g.as_ptr().cast_mut(), g.len()))
+                .collect();
+            (Guards::Read(guards), iovs)
+        };
+        Ok(Self {
+            _guards: guards,
+            iovs,
+        })
+    }
+}
+
+fn iovec(ptr: *mut u8, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: len,
+    }
+}
+
+/// Marks the guest buffers `parts` dirty after the kernel wrote into them through raw
+/// pointers (which bypass the dirty bitmap).
+pub fn mark_dirty<M: GuestMemory>(mem: &M, parts: &[(GuestAddress, usize)]) {
+    if let Ok(slices) = slices(mem, parts, Permissions::Write) {
+        for slice in &slices {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
-use super::request::{self, Disk};
+use super::request::{self, Completion, Disk};
 
 /// A ring error the device cannot recover from: it must report DEVICE_NEEDS_RESET.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,9 @@ pub enum QueueError {
     /// The notification suppression fields cannot be accessed.
     #[error("cannot update notification suppression: {0}")]
     Notification(#[source] virtio_queue::Error),
+    /// The I/O engine cannot submit or reap requests any more.
+    #[error("the I/O engine failed: {0}")]
+    Engine(#[source] std::io::Error),
 }
 
 /// What one [`process_queue`] call did.
@@ -62,17 +65,7 @@ pub fn process_queue<M: GuestMemory>(
         while let Some(chain) = next_chain(queue, mem)? {
             let head = chain.head_index();
             let done = request::process(chain, mem, disk);
-            if done.status != Some(0) {
-                stats.failed += 1;
-            }
-            if head >= queue.size() {
-                tracing::debug!("virtio-blk: skipping chain with head index {head} out of range");
-            } else {
-                queue
-                    .add_used(mem, head, done.used_len)
-                    .map_err(QueueError::UsedRing)?;
-                stats.completed += 1;
-            }
+            return_chain(queue, mem, head, done, &mut stats)?;
             seen += 1;
             if seen >= budget {
                 stats.more = true;
@@ -93,8 +86,30 @@ pub fn process_queue<M: GuestMemory>(
     Ok(stats)
 }
 
+/// Puts a completed chain in the used ring and counts it in `stats`.
+pub(super) fn return_chain<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    head: u16,
+    done: Completion,
+    stats: &mut QueueStats,
+) -> Result<(), QueueError> {
+    if done.status != Some(0) {
+        stats.failed += 1;
+    }
+    if head >= queue.size() {
+        tracing::debug!("virtio-blk: skipping chain with head index {head} out of range");
+    } else {
+        queue
+            .add_used(mem, head, done.used_len)
+            .map_err(QueueError::UsedRing)?;
+        stats.completed += 1;
+    }
+    Ok(())
+}
+
 /// The next available chain, `None` when the ring is empty.
-fn next_chain<'m, M: GuestMemory>(
+pub(super) fn next_chain<'m, M: GuestMemory>(
     queue: &mut Queue,
     mem: &'m M,
 ) -> Result<Option<DescriptorChain<&'m M>>, QueueError> {

@@ -1,5 +1,8 @@
-//! virtio-blk requests (virtio 1.2, 5.2.6): parsing a descriptor chain and executing it
-//! against a [`Disk`], free of threads and rings.
+//! virtio-blk requests (virtio 1.2, 5.2.6): parsing and validating a descriptor chain
+//! into a typed [`Request`], free of threads and rings. Every engine shares this step;
+//! the synchronous one executes the request right away ([`process`], module `exec`),
+//! the io_uring one submits it (module `uring`). Either way the chain is completed by
+//! [`finish`], which writes the status byte.
 //!
 //! A chain is read as the spec's byte stream (2.6.4, any descriptor layout): the
 //! device-readable buffers hold the 16-byte header `{type, reserved, sector}` and, for
@@ -19,7 +22,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::backend::BlockBackend;
-use super::io::{self, Buffers};
+use super::exec;
+use super::io::Buffers;
 
 /// Sector size of the request protocol, in bytes.
 pub const SECTOR_SIZE: u64 = 512;
@@ -66,7 +70,7 @@ pub struct Disk {
 }
 
 impl Disk {
-    fn negotiated(&self, bit: u32) -> bool {
+    pub(super) fn negotiated(&self, bit: u32) -> bool {
         self.features & (1 << bit) != 0
     }
 }
@@ -80,29 +84,86 @@ pub struct Completion {
     pub status: Option<u8>,
 }
 
-/// A request the device refuses: the status it gets, and why (for the log).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Refused {
-    status: u32,
-    why: &'static str,
+impl Completion {
+    /// A chain returned with used length 0 and nothing written.
+    pub(super) const UNANSWERED: Completion = Completion {
+        used_len: 0,
+        status: None,
+    };
 }
 
-fn ioerr(why: &'static str) -> Refused {
+/// A request the device refuses: the status it gets, and why (for the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Refused {
+    pub status: u32,
+    pub why: &'static str,
+}
+
+/// How a request ended: its status (or why it was refused) and the data bytes written
+/// to the guest.
+pub(super) type Outcome = (Result<u32, Refused>, u64);
+
+pub(super) fn ioerr(why: &'static str) -> Refused {
     Refused {
         status: VIRTIO_BLK_S_IOERR,
         why,
     }
 }
 
-fn unsupp(why: &'static str) -> Refused {
+pub(super) fn unsupp(why: &'static str) -> Refused {
     Refused {
         status: VIRTIO_BLK_S_UNSUPP,
         why,
     }
 }
 
+/// A validated request, ready to execute: every rule of the protocol and the device
+/// limits was checked, so executing it only moves data.
+#[derive(Debug)]
+pub(super) enum Request {
+    /// Read `transfer.len` bytes into the device-writable buffers.
+    In(Transfer),
+    /// Write the device-readable data.
+    Out(Transfer),
+    Flush,
+    /// Write the id to these device-writable buffers.
+    GetId(Buffers),
+    Discard(Vec<Range>),
+    WriteZeroes(Vec<Range>),
+}
+
+/// The data of an IN / OUT request.
+#[derive(Debug)]
+pub(super) struct Transfer {
+    /// First sector (for the log).
+    pub sector: u64,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Length in bytes, a non-zero multiple of 512.
+    pub len: u64,
+    /// The guest buffers, in order, as (address, length).
+    pub parts: Vec<(GuestAddress, usize)>,
+}
+
+/// One validated discard / write-zeroes segment, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Range {
+    pub offset: u64,
+    pub len: u64,
+    pub unmap: bool,
+}
+
+/// A chain that has a writable status byte, parsed.
+#[derive(Debug)]
+pub(super) struct Parsed {
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+    /// The request, or why it is refused.
+    pub request: Result<Request, Refused>,
+}
+
 /// A chain split into its byte streams.
-struct Parsed {
+struct Streams {
     readable: Buffers,
     /// Device-writable bytes before the status byte.
     writable: Buffers,
@@ -111,45 +172,72 @@ struct Parsed {
     invalid: Option<&'static str>,
 }
 
-/// Parses and executes one chain against `disk`, writes its status byte and returns
-/// the used length. Never panics on guest data.
+/// Parses and executes one chain against `disk` synchronously, writes its status byte
+/// and returns the used length. Never panics on guest data.
 pub fn process<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M, disk: &Disk) -> Completion {
     let head = chain.head_index();
-    let Some(parsed) = split(chain, mem) else {
+    let Some(parsed) = parse(chain, mem, disk) else {
+        return Completion::UNANSWERED;
+    };
+    let outcome = match parsed.request {
+        Ok(request) => exec::execute(request, mem, disk),
+        Err(refused) => (Err(refused), 0),
+    };
+    finish(mem, head, parsed.status, outcome)
+}
+
+/// Parses and validates one chain; `None` when it has no writable status byte (it is
+/// then returned with used length 0 and nothing written).
+pub(super) fn parse<M: GuestMemory>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
+    disk: &Disk,
+) -> Option<Parsed> {
+    let head = chain.head_index();
+    let Some(streams) = split(chain, mem) else {
         tracing::debug!("virtio-blk: chain {head} has no writable status byte; returned empty");
-        return Completion {
-            used_len: 0,
-            status: None,
-        };
+        return None;
     };
-    let (status, data_len) = match parsed.invalid {
-        Some(why) => (Err(ioerr(why)), 0),
-        None => execute(&parsed, mem, disk),
+    let request = match streams.invalid {
+        Some(why) => Err(ioerr(why)),
+        None => validate(&streams, mem, disk),
     };
-    let status = status.unwrap_or_else(|refused| {
+    Some(Parsed {
+        status: streams.status,
+        request,
+    })
+}
+
+/// Writes the status byte of chain `head` at `status` for `outcome`; returns what goes
+/// to the used ring.
+pub(super) fn finish<M: GuestMemory>(
+    mem: &M,
+    head: u16,
+    status: GuestAddress,
+    outcome: Outcome,
+) -> Completion {
+    let (result, data_len) = outcome;
+    let value = result.unwrap_or_else(|refused| {
         tracing::debug!("virtio-blk: chain {head} failed: {}", refused.why);
         refused.status
     });
     // Status values are small (0..=2).
-    let status = status as u8;
-    if mem.write_obj(status, parsed.status).is_err() {
+    let value = value as u8;
+    if mem.write_obj(value, status).is_err() {
         tracing::debug!("virtio-blk: chain {head}: cannot write the status byte");
-        return Completion {
-            used_len: 0,
-            status: None,
-        };
+        return Completion::UNANSWERED;
     }
     // Data lengths are bounded by the chain, which is shorter than 4 GiB.
     let used_len = u32::try_from(data_len).unwrap_or(u32::MAX - 1) + 1;
     Completion {
         used_len,
-        status: Some(status),
+        status: Some(value),
     }
 }
 
 /// Walks the chain into its readable and writable streams; `None` when the status byte
 /// cannot be located or written.
-fn split<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M) -> Option<Parsed> {
+fn split<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M) -> Option<Streams> {
     // virtio-queue ends the iteration silently on a loop, an overlong chain, an index
     // out of range, an unreadable descriptor or a bad indirect table: the last
     // descriptor then still says NEXT.
@@ -162,7 +250,7 @@ fn split<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M) -> Option<Parsed> 
     if !mem.check_range(status, 1, Permissions::Write) {
         return None;
     }
-    let mut parsed = Parsed {
+    let mut s = Streams {
         readable: Buffers::default(),
         writable: Buffers::default(),
         status,
@@ -179,7 +267,7 @@ fn split<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M) -> Option<Parsed> 
         if writable {
             seen_writable = true;
         } else if seen_writable {
-            parsed.invalid = Some("device-readable descriptor after a device-writable one");
+            s.invalid = Some("device-readable descriptor after a device-writable one");
         }
         let access = if writable {
             Permissions::Write
@@ -187,51 +275,62 @@ fn split<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M) -> Option<Parsed> 
             Permissions::Read
         };
         if !mem.check_range(desc.addr(), len as usize, access) {
-            parsed.invalid = Some("buffer outside guest memory");
+            s.invalid = Some("buffer outside guest memory");
         }
         if writable {
-            parsed.writable.push(desc.addr(), len);
+            s.writable.push(desc.addr(), len);
         } else {
-            parsed.readable.push(desc.addr(), len);
+            s.readable.push(desc.addr(), len);
         }
     }
-    Some(parsed)
+    Some(s)
 }
 
-/// Runs a well-formed chain; returns the status and the data bytes written to the
-/// guest.
-fn execute<M: GuestMemory>(p: &Parsed, mem: &M, disk: &Disk) -> (Result<u32, Refused>, u64) {
-    if p.readable.len() < HEADER_SIZE {
-        return (Err(ioerr("request header missing or too short")), 0);
+/// Checks a well-formed chain against the protocol and the device limits.
+fn validate<M: GuestMemory>(s: &Streams, mem: &M, disk: &Disk) -> Result<Request, Refused> {
+    if s.readable.len() < HEADER_SIZE {
+        return Err(ioerr("request header missing or too short"));
     }
     let mut header = [0u8; HEADER_SIZE as usize];
-    if p.readable.read_at(mem, 0, &mut header).is_err() {
-        return (Err(ioerr("cannot read the request header")), 0);
+    if s.readable.read_at(mem, 0, &mut header).is_err() {
+        return Err(ioerr("cannot read the request header"));
     }
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let mut sector = [0u8; 8];
     sector.copy_from_slice(&header[8..16]);
     let sector = u64::from_le_bytes(sector);
     match kind {
-        VIRTIO_BLK_T_IN => read(p, mem, disk, sector),
-        VIRTIO_BLK_T_OUT => (write(p, mem, disk, sector), 0),
-        VIRTIO_BLK_T_FLUSH => (flush(p, disk), 0),
-        VIRTIO_BLK_T_GET_ID => get_id(p, mem, disk),
-        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            (discard_or_zero(p, mem, disk, kind), 0)
+        VIRTIO_BLK_T_IN => read(s, disk, sector),
+        VIRTIO_BLK_T_OUT => write(s, disk, sector),
+        VIRTIO_BLK_T_FLUSH => {
+            if s.readable.len() != HEADER_SIZE || !s.writable.is_empty() {
+                return Err(ioerr("FLUSH request with data"));
+            }
+            Ok(Request::Flush)
         }
-        _ => (Err(unsupp("unsupported request type")), 0),
+        VIRTIO_BLK_T_GET_ID => {
+            if s.readable.len() != HEADER_SIZE {
+                return Err(ioerr("GET_ID request with device-readable data"));
+            }
+            if s.writable.is_empty() {
+                return Err(ioerr("GET_ID request without a buffer"));
+            }
+            Ok(Request::GetId(s.writable.clone()))
+        }
+        VIRTIO_BLK_T_DISCARD => Ok(Request::Discard(segments(s, mem, disk, true)?)),
+        VIRTIO_BLK_T_WRITE_ZEROES => Ok(Request::WriteZeroes(segments(s, mem, disk, false)?)),
+        _ => Err(unsupp("unsupported request type")),
     }
 }
 
 /// Checks the data of an IN/OUT request: segment count and sizes, length, and that the
-/// sectors lie on the disk. Returns the byte offset.
+/// sectors lie on the disk.
 fn check_data(
-    parts: &[(GuestAddress, usize)],
+    parts: Vec<(GuestAddress, usize)>,
     len: u64,
     sector: u64,
     disk: &Disk,
-) -> Result<u64, Refused> {
+) -> Result<Transfer, Refused> {
     let limits = &disk.limits;
     if len == 0 {
         return Err(ioerr("no data buffer"));
@@ -251,7 +350,13 @@ fn check_data(
     if len > u64::from(limits.seg_max) * u64::from(limits.size_max) {
         return Err(ioerr("request larger than seg_max * size_max"));
     }
-    check_range(sector, len >> SECTOR_SHIFT, disk.capacity)
+    let offset = check_range(sector, len >> SECTOR_SHIFT, disk.capacity)?;
+    Ok(Transfer {
+        sector,
+        offset,
+        len,
+        parts,
+    })
 }
 
 /// Whether `count` sectors from `sector` lie on a disk of `capacity` sectors; returns
@@ -263,92 +368,26 @@ fn check_range(sector: u64, count: u64, capacity: u64) -> Result<u64, Refused> {
     }
 }
 
-fn read<M: GuestMemory>(
-    p: &Parsed,
-    mem: &M,
-    disk: &Disk,
-    sector: u64,
-) -> (Result<u32, Refused>, u64) {
-    if p.readable.len() != HEADER_SIZE {
-        return (Err(ioerr("IN request with device-readable data")), 0);
+fn read(s: &Streams, disk: &Disk, sector: u64) -> Result<Request, Refused> {
+    if s.readable.len() != HEADER_SIZE {
+        return Err(ioerr("IN request with device-readable data"));
     }
-    let len = p.writable.len();
-    let parts = p.writable.range(0, len);
-    let offset = match check_data(&parts, len, sector, disk) {
-        Ok(offset) => offset,
-        Err(e) => return (Err(e), 0),
-    };
-    match io::read_into_guest(mem, &parts, &*disk.backend, offset) {
-        Ok(n) if n as u64 == len => (Ok(VIRTIO_BLK_S_OK), len),
-        Ok(n) => {
-            tracing::warn!("virtio-blk: short read at sector {sector} (image shrunk?)");
-            (Err(ioerr("short read")), n as u64)
-        }
-        Err(e) => {
-            tracing::warn!("virtio-blk: read of {len} bytes at sector {sector} failed: {e}");
-            (Err(ioerr("read failed")), 0)
-        }
-    }
+    let len = s.writable.len();
+    let parts = s.writable.range(0, len);
+    Ok(Request::In(check_data(parts, len, sector, disk)?))
 }
 
-fn write<M: GuestMemory>(p: &Parsed, mem: &M, disk: &Disk, sector: u64) -> Result<u32, Refused> {
-    if !p.writable.is_empty() {
+fn write(s: &Streams, disk: &Disk, sector: u64) -> Result<Request, Refused> {
+    if !s.writable.is_empty() {
         return Err(ioerr("OUT request with device-writable data"));
     }
-    let len = p.readable.len() - HEADER_SIZE;
-    let parts = p.readable.range(HEADER_SIZE, len);
-    let offset = check_data(&parts, len, sector, disk)?;
+    let len = s.readable.len() - HEADER_SIZE;
+    let parts = s.readable.range(HEADER_SIZE, len);
+    let transfer = check_data(parts, len, sector, disk)?;
     if disk.read_only {
         return Err(ioerr("write to a read-only disk"));
     }
-    match io::write_from_guest(mem, &parts, &*disk.backend, offset) {
-        Ok(n) if n as u64 == len => {}
-        Ok(_) => return Err(ioerr("short write")),
-        Err(e) => {
-            tracing::warn!("virtio-blk: write of {len} bytes at sector {sector} failed: {e}");
-            return Err(ioerr("write failed"));
-        }
-    }
-    write_through(disk)
-}
-
-/// Without a negotiated VIRTIO_BLK_F_FLUSH the driver cannot flush, so completed writes
-/// must already be stable (virtio 1.2, 5.2.6.3).
-fn write_through(disk: &Disk) -> Result<u32, Refused> {
-    if disk.negotiated(VIRTIO_BLK_F_FLUSH) {
-        return Ok(VIRTIO_BLK_S_OK);
-    }
-    sync(disk)
-}
-
-fn sync(disk: &Disk) -> Result<u32, Refused> {
-    match disk.backend.flush() {
-        Ok(()) => Ok(VIRTIO_BLK_S_OK),
-        Err(e) => {
-            tracing::warn!("virtio-blk: flush failed: {e}");
-            Err(ioerr("flush failed"))
-        }
-    }
-}
-
-fn flush(p: &Parsed, disk: &Disk) -> Result<u32, Refused> {
-    if p.readable.len() != HEADER_SIZE || !p.writable.is_empty() {
-        return Err(ioerr("FLUSH request with data"));
-    }
-    sync(disk)
-}
-
-fn get_id<M: GuestMemory>(p: &Parsed, mem: &M, disk: &Disk) -> (Result<u32, Refused>, u64) {
-    if p.readable.len() != HEADER_SIZE {
-        return (Err(ioerr("GET_ID request with device-readable data")), 0);
-    }
-    if p.writable.is_empty() {
-        return (Err(ioerr("GET_ID request without a buffer")), 0);
-    }
-    match p.writable.write_start(mem, &disk.id) {
-        Ok(n) => (Ok(VIRTIO_BLK_S_OK), n as u64),
-        Err(_) => (Err(ioerr("cannot write the id")), 0),
-    }
+    Ok(Request::Out(transfer))
 }
 
 /// One `virtio_blk_discard_write_zeroes` segment.
@@ -359,22 +398,22 @@ struct Segment {
     flags: u32,
 }
 
-fn discard_or_zero<M: GuestMemory>(
-    p: &Parsed,
+/// Reads and validates the segment list of a DISCARD (`discard`) or WRITE_ZEROES
+/// request; nothing is touched unless every segment is valid.
+fn segments<M: GuestMemory>(
+    s: &Streams,
     mem: &M,
     disk: &Disk,
-    kind: u32,
-) -> Result<u32, Refused> {
-    let discard = kind == VIRTIO_BLK_T_DISCARD;
+    discard: bool,
+) -> Result<Vec<Range>, Refused> {
+    let l = &disk.limits;
     let (feature, max_seg, max_sectors) = if discard {
-        let l = &disk.limits;
         (
             VIRTIO_BLK_F_DISCARD,
             l.max_discard_seg,
             l.max_discard_sectors,
         )
     } else {
-        let l = &disk.limits;
         (
             VIRTIO_BLK_F_WRITE_ZEROES,
             l.max_write_zeroes_seg,
@@ -384,13 +423,13 @@ fn discard_or_zero<M: GuestMemory>(
     if !disk.negotiated(feature) {
         return Err(unsupp("discard / write zeroes not negotiated"));
     }
-    if !p.writable.is_empty() {
+    if !s.writable.is_empty() {
         return Err(ioerr("discard / write zeroes with device-writable data"));
     }
     if disk.read_only {
         return Err(ioerr("discard / write zeroes on a read-only disk"));
     }
-    let len = p.readable.len() - HEADER_SIZE;
+    let len = s.readable.len() - HEADER_SIZE;
     if len == 0 || len % SEGMENT_SIZE != 0 {
         return Err(ioerr("segment list is empty or not a multiple of 16 bytes"));
     }
@@ -399,41 +438,28 @@ fn discard_or_zero<M: GuestMemory>(
         return Err(ioerr("more segments than the device allows"));
     }
     let mut raw = vec![0u8; len as usize];
-    p.readable
+    s.readable
         .read_at(mem, HEADER_SIZE, &mut raw)
         .map_err(|_| ioerr("cannot read the segment list"))?;
-    let segments: Vec<Segment> = raw
-        .chunks_exact(SEGMENT_SIZE as usize)
-        .map(segment)
-        .collect();
-    // Validate every segment before touching the disk.
-    let mut ranges = Vec::with_capacity(segments.len());
-    for s in &segments {
-        if s.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
+    let mut ranges = Vec::with_capacity(count as usize);
+    for seg in raw.chunks_exact(SEGMENT_SIZE as usize).map(segment) {
+        if seg.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
             return Err(unsupp("unknown segment flags"));
         }
-        if discard && s.flags != 0 {
+        if discard && seg.flags != 0 {
             return Err(unsupp("discard segment with the unmap flag"));
         }
-        if s.num_sectors > max_sectors {
+        if seg.num_sectors > max_sectors {
             return Err(ioerr("segment larger than the device allows"));
         }
-        let offset = check_range(s.sector, u64::from(s.num_sectors), disk.capacity)?;
-        let unmap = s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-        ranges.push((offset, u64::from(s.num_sectors) << SECTOR_SHIFT, unmap));
+        let offset = check_range(seg.sector, u64::from(seg.num_sectors), disk.capacity)?;
+        ranges.push(Range {
+            offset,
+            len: u64::from(seg.num_sectors) << SECTOR_SHIFT,
+            unmap: seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+        });
     }
-    for (offset, bytes, unmap) in ranges.into_iter().filter(|r| r.1 > 0) {
-        let result = if discard {
-            disk.backend.discard(offset, bytes)
-        } else {
-            disk.backend.write_zeroes(offset, bytes, unmap)
-        };
-        if let Err(e) = result {
-            tracing::warn!("virtio-blk: discard / write zeroes at {offset:#x}+{bytes:#x}: {e}");
-            return Err(ioerr("discard / write zeroes failed"));
-        }
-    }
-    write_through(disk)
+    Ok(ranges)
 }
 
 fn segment(raw: &[u8]) -> Segment {

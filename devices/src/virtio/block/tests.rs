@@ -5,6 +5,7 @@ mod backend;
 mod device;
 mod discard;
 mod request;
+mod uring;
 mod worker;
 
 use std::fs::File;

@@ -1,5 +1,6 @@
-//! One virtio-blk worker thread per queue: waits on the queue's notify eventfd and a
-//! kill eventfd, and runs [`queue::process_queue`].
+//! One virtio-blk worker thread per queue: waits on the queue's notify eventfd, a kill
+//! eventfd and, with the io_uring engine, the ring's completion eventfd, and drives its
+//! [`QueueEngine`].
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -10,8 +11,10 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::{self, QueueError};
+use super::engine::{QueueEngine, SyncEngine};
+use super::queue::{QueueError, QueueStats};
 use super::request::Disk;
+use super::uring::{UringEngine, UringRing};
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 
 /// Everything one worker needs, moved into its thread.
@@ -20,6 +23,13 @@ pub(super) struct WorkerCtx<M> {
     pub queue: ActiveQueue,
     pub disk: Arc<Disk>,
     pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub engine: EngineSetup,
+}
+
+/// The engine a worker builds on its thread.
+pub(super) enum EngineSetup {
+    Sync,
+    Uring(Box<UringRing>),
 }
 
 /// A running worker thread.
@@ -38,7 +48,14 @@ impl Worker {
         let handle = std::thread::Builder::new()
             .name(format!("virtio-blk-q{index}"))
             .spawn(move || {
+                let mut ctx = ctx;
+                let setup = std::mem::replace(&mut ctx.engine, EngineSetup::Sync);
+                let engine: Box<dyn QueueEngine<M>> = match setup {
+                    EngineSetup::Sync => Box::new(SyncEngine),
+                    EngineSetup::Uring(ring) => Box::new(UringEngine::new(*ring)),
+                };
                 WorkerLoop {
+                    engine,
                     ctx,
                     kill: worker_kill,
                     failed: false,
@@ -52,7 +69,7 @@ impl Worker {
         })
     }
 
-    /// Stops the thread and waits for it (an in-flight request completes first).
+    /// Stops the thread and waits for it (the requests in flight complete first).
     pub fn stop(self) {
         if let Err(e) = self.kill.write(1) {
             tracing::error!(
@@ -68,6 +85,7 @@ impl Worker {
 
 struct WorkerLoop<M> {
     ctx: WorkerCtx<M>,
+    engine: Box<dyn QueueEngine<M>>,
     kill: EventFd,
     /// A ring error was reported (DEVICE_NEEDS_RESET): the queue is left alone until
     /// the reset.
@@ -81,6 +99,7 @@ impl<M: GuestMemory> WorkerLoop<M> {
         // Requests and kicks may predate the thread.
         if self.serve() {
             loop {
+                let completions = self.engine.completion_fd().unwrap_or(-1);
                 let mut fds = [
                     pollfd(self.kill.as_raw_fd()),
                     pollfd(if self.failed {
@@ -88,6 +107,7 @@ impl<M: GuestMemory> WorkerLoop<M> {
                     } else {
                         self.ctx.queue.notify.as_raw_fd()
                     }),
+                    pollfd(completions),
                 ];
                 match poll(&mut fds, -1) {
                     Ok(_) => {}
@@ -101,12 +121,30 @@ impl<M: GuestMemory> WorkerLoop<M> {
                 if fds[0].revents != 0 {
                     break;
                 }
+                if fds[2].revents != 0 {
+                    // Completions free slots: serve what waited for one, too.
+                    self.reap(false);
+                    if !self.serve() {
+                        break;
+                    }
+                }
                 if fds[1].revents != 0 {
                     drain(&self.ctx.queue.notify);
                     if !self.serve() {
                         break;
                     }
                 }
+            }
+        }
+        // The kernel may still be using guest buffers: wait for them all.
+        let pending = self.engine.in_flight();
+        if pending > 0 {
+            tracing::debug!("virtio-blk: worker {index}: waiting for {pending} request(s)");
+        }
+        while self.engine.in_flight() > 0 {
+            if !self.reap(true) {
+                tracing::error!("virtio-blk: worker {index}: requests lost in the I/O engine");
+                break;
             }
         }
         tracing::debug!("virtio-blk: worker {index} stopped");
@@ -117,35 +155,23 @@ impl<M: GuestMemory> WorkerLoop<M> {
     fn serve(&mut self) -> bool {
         let queue_size = usize::from(self.ctx.queue.queue.size());
         while !self.failed {
-            let result = queue::process_queue(
+            let result = self.engine.serve(
                 &mut self.ctx.queue.queue,
                 &self.ctx.mem,
                 &self.ctx.disk,
                 queue_size.max(1),
             );
-            let stats = match result {
-                Ok(stats) => stats,
+            let more = match result {
+                Ok(stats) => {
+                    self.report(stats);
+                    stats.more
+                }
                 Err(e) => {
                     self.fail(e);
                     break;
                 }
             };
-            if stats.failed > 0 {
-                tracing::debug!(
-                    "virtio-blk: queue {}: {} request(s) failed",
-                    self.ctx.queue.index,
-                    stats.failed
-                );
-            }
-            if stats.notify {
-                if let Err(e) = self.ctx.interrupt.signal_queue(self.ctx.queue.index) {
-                    tracing::warn!(
-                        "virtio-blk: cannot signal queue {}: {e}",
-                        self.ctx.queue.index
-                    );
-                }
-            }
-            if !stats.more {
+            if !more {
                 break;
             }
             let mut fds = [pollfd(self.kill.as_raw_fd())];
@@ -154,6 +180,46 @@ impl<M: GuestMemory> WorkerLoop<M> {
             }
         }
         true
+    }
+
+    /// Completes what the engine finished (`wait`: blocking for at least one); `false`
+    /// when the engine itself failed.
+    fn reap(&mut self, wait: bool) -> bool {
+        let result = self.engine.reap(
+            &mut self.ctx.queue.queue,
+            &self.ctx.mem,
+            &self.ctx.disk,
+            wait,
+        );
+        match result {
+            Ok(stats) => self.report(stats),
+            Err(e) => {
+                let engine = matches!(e, QueueError::Engine(_));
+                if !self.failed {
+                    self.fail(e);
+                }
+                return !engine;
+            }
+        }
+        true
+    }
+
+    fn report(&self, stats: QueueStats) {
+        if stats.failed > 0 {
+            tracing::debug!(
+                "virtio-blk: queue {}: {} request(s) failed",
+                self.ctx.queue.index,
+                stats.failed
+            );
+        }
+        if stats.notify {
+            if let Err(e) = self.ctx.interrupt.signal_queue(self.ctx.queue.index) {
+                tracing::warn!(
+                    "virtio-blk: cannot signal queue {}: {e}",
+                    self.ctx.queue.index
+                );
+            }
+        }
     }
 
     fn fail(&mut self, e: QueueError) {

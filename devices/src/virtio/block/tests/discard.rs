@@ -5,8 +5,9 @@ use std::os::fd::AsRawFd;
 
 use virtio_bindings::bindings::virtio_blk::*;
 
-use super::request::{Rig, DATA, HDR, IMAGE, STATUS};
+use super::request::{both_engines, Rig, DATA, HDR, IMAGE, STATUS};
 use super::{disk, get, pattern, put, put_header, put_segments, TempImage, FEATURES};
+use crate::virtio::block::engine::IoEngine;
 use crate::virtio::testing::{memory, ro, wo};
 
 /// 1 MiB: 2048 sectors, big enough for the allocation to show.
@@ -39,11 +40,10 @@ fn seek(image: &TempImage, offset: i64, whence: i32) -> i64 {
     unsafe { libc::lseek(file.as_raw_fd(), offset, whence) }
 }
 
-#[test]
-fn discard_punches_holes() {
+fn discard_punches_holes_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(BIG);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     let before = image.allocated();
     let result = submit(
         &mut rig,
@@ -58,11 +58,10 @@ fn discard_punches_holes() {
     assert_eq!(seek(&image, 256 * 512, libc::SEEK_HOLE), 1024 * 512);
 }
 
-#[test]
-fn write_zeroes_with_and_without_unmap() {
+fn write_zeroes_with_and_without_unmap_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(BIG);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     let before = image.allocated();
     // Without UNMAP: zeroed in place, still allocated.
     let result = submit(&mut rig, VIRTIO_BLK_T_WRITE_ZEROES, &[(8, 16, 0)]);
@@ -81,11 +80,10 @@ fn write_zeroes_with_and_without_unmap() {
     assert_eq!(seek(&image, 0, libc::SEEK_HOLE), 512 * 512);
 }
 
-#[test]
-fn invalid_segment_lists_change_nothing() {
+fn invalid_segment_lists_change_nothing_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     let (ok, ioerr, unsupp) = (
         VIRTIO_BLK_S_OK as u8,
         VIRTIO_BLK_S_IOERR as u8,
@@ -140,11 +138,10 @@ fn invalid_segment_lists_change_nothing() {
     assert!(image.contents() == unchanged);
 }
 
-#[test]
-fn discard_and_write_zeroes_need_their_features() {
+fn discard_and_write_zeroes_need_their_features_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, 1 << VIRTIO_BLK_F_FLUSH));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, 1 << VIRTIO_BLK_F_FLUSH));
     for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
         let result = submit(&mut rig, kind, &[(0, 8, 0)]);
         assert_eq!(result, (1, VIRTIO_BLK_S_UNSUPP as u8));
@@ -152,11 +149,10 @@ fn discard_and_write_zeroes_need_their_features() {
     assert!(image.contents() == expected(IMAGE, &[]));
 }
 
-#[test]
-fn read_only_disk_refuses_every_write() {
+fn read_only_disk_refuses_every_write_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, true, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, true, FEATURES));
     let ioerr = VIRTIO_BLK_S_IOERR as u8;
     put(&mem, DATA, &[0xAB; 512]);
     put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
@@ -180,4 +176,12 @@ fn read_only_disk_refuses_every_write() {
     put_header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
     assert_eq!(rig.submit(&[ro(HDR, 16), wo(STATUS, 1)]), 1);
     assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+}
+
+both_engines! {
+    discard_punches_holes_on => discard_punches_holes,
+    write_zeroes_with_and_without_unmap_on => write_zeroes_with_and_without_unmap,
+    invalid_segment_lists_change_nothing_on => invalid_segment_lists_change_nothing,
+    discard_and_write_zeroes_need_their_features_on => discard_and_write_zeroes_need_their_features,
+    read_only_disk_refuses_every_write_on => read_only_disk_refuses_every_write,
 }

@@ -15,8 +15,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::{disk, get, pattern, put, put_header, status_at, TempImage, FEATURES};
 use crate::virtio::block::backend::{BlockBackend, FileBackend, IoBuf, IoBufMut};
+use crate::virtio::block::engine::{IoEngine, QueueEngine};
 use crate::virtio::block::queue::{process_queue, QueueStats};
 use crate::virtio::block::request::Disk;
+use crate::virtio::block::uring::{UringEngine, UringRing};
 use crate::virtio::testing::{memory, ro, wo, Buf, Driver, Mem, MEM_SIZE};
 
 /// Guest addresses of the test buffers (the ring sits at 0).
@@ -26,23 +28,33 @@ pub(super) const DATA: u64 = 0x10_0000;
 /// Image size of most tests: 64 KiB = 128 sectors.
 pub(super) const IMAGE: usize = 64 * 1024;
 
-/// A queue, its driver and a disk.
+/// A queue, its driver, a disk and the engine serving it (`None`: synchronous).
 pub(super) struct Rig<'a> {
     pub mem: &'a Mem,
     pub driver: Driver<'a>,
     pub queue: Queue,
     pub disk: Disk,
+    pub uring: Option<UringEngine>,
 }
 
 impl<'a> Rig<'a> {
     pub fn new(mem: &'a Mem, disk: Disk) -> Self {
+        Self::with_engine(IoEngine::Sync, mem, disk)
+    }
+
+    pub fn with_engine(engine: IoEngine, mem: &'a Mem, disk: Disk) -> Self {
         let driver = Driver::new(mem, 0, 16);
         let queue = driver.queue();
+        let uring = (engine == IoEngine::Uring).then(|| {
+            let fd = disk.backend.raw_file().unwrap();
+            UringEngine::new(UringRing::new(fd, 16).unwrap())
+        });
         Self {
             mem,
             driver,
             queue,
             disk,
+            uring,
         }
     }
 
@@ -65,14 +77,49 @@ impl<'a> Rig<'a> {
         len
     }
 
+    /// Serves the queue until nothing is in flight.
     pub fn serve(&mut self) -> QueueStats {
-        process_queue(&mut self.queue, self.mem, &self.disk, 64).unwrap()
+        let Some(engine) = &mut self.uring else {
+            return process_queue(&mut self.queue, self.mem, &self.disk, 64).unwrap();
+        };
+        let (q, mem, disk) = (&mut self.queue, self.mem, &self.disk);
+        let mut stats = engine.serve(q, mem, disk, 64).unwrap();
+        while QueueEngine::<Mem>::in_flight(engine) > 0 {
+            let more = engine.reap(q, mem, disk, true).unwrap();
+            stats.completed += more.completed;
+            stats.failed += more.failed;
+            stats.notify |= more.notify;
+        }
+        stats
     }
 
     pub fn status(&self) -> u8 {
         status_at(self.mem, STATUS)
     }
 }
+
+/// Runs each `body(engine)` as a test `name` on the synchronous engine and as
+/// `uring::name` on the io_uring one.
+macro_rules! both_engines {
+    ($($body:ident => $name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $body(IoEngine::Sync)
+            }
+        )*
+        mod uring {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    $body(IoEngine::Uring)
+                }
+            )*
+        }
+    };
+}
+pub(super) use both_engines;
 
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
@@ -82,11 +129,10 @@ fn filled(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
 }
 
-#[test]
-fn out_then_in_with_several_data_descriptors() {
+fn out_then_in_with_several_data_descriptors_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     let data = filled(2048, 0x5A);
     // Scattered guest buffers: 512 + 1024 + 512 bytes.
     let addrs = [DATA + 0x3000, DATA, DATA + 0x8000];
@@ -119,11 +165,10 @@ fn out_then_in_with_several_data_descriptors() {
     assert_eq!(get(&mem, DATA + 0x30000, 512), data[1536..]);
 }
 
-#[test]
-fn in_reads_the_image_up_to_the_last_sector() {
+fn in_reads_the_image_up_to_the_last_sector_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     put_header(&mem, HDR, VIRTIO_BLK_T_IN, 127);
     let len = rig.submit(&[ro(HDR, 16), wo(DATA, 512), wo(STATUS, 1)]);
     assert_eq!((len, rig.status()), (513, OK));
@@ -131,11 +176,10 @@ fn in_reads_the_image_up_to_the_last_sector() {
     assert_eq!(get(&mem, DATA, 512), expected);
 }
 
-#[test]
-fn any_descriptor_layout_is_accepted() {
+fn any_descriptor_layout_is_accepted_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     // OUT: header and data in one descriptor.
     let data = filled(512, 1);
     put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 1);
@@ -152,11 +196,10 @@ fn any_descriptor_layout_is_accepted() {
     assert_eq!(status_at(&mem, DATA + 512), OK);
 }
 
-#[test]
-fn indirect_descriptors() {
+fn indirect_descriptors_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     let table = 0x8000u64;
     let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
@@ -243,11 +286,10 @@ fn flush_syncs_and_writes_are_write_through_without_flush_feature() {
     assert_eq!(flushes.load(Ordering::SeqCst), 1);
 }
 
-#[test]
-fn get_id_writes_the_serial() {
+fn get_id_writes_the_serial_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     put(&mem, DATA, &[0xFF; 32]);
     put_header(&mem, HDR, VIRTIO_BLK_T_GET_ID, 0);
     assert_eq!(rig.submit(&[ro(HDR, 16), wo(DATA, 20), wo(STATUS, 1)]), 21);
@@ -264,11 +306,10 @@ fn get_id_writes_the_serial() {
     assert_eq!(rig.status(), IOERR);
 }
 
-#[test]
-fn unknown_request_types_are_unsupported() {
+fn unknown_request_types_are_unsupported_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     for kind in [
         VIRTIO_BLK_T_SCSI_CMD,
         VIRTIO_BLK_T_SECURE_ERASE,
@@ -284,9 +325,15 @@ fn unknown_request_types_are_unsupported() {
 /// Submits `bufs` (header `kind` at `sector`) and checks that it fails with IOERR and
 /// used length 1, leaving the data buffer (preset to 0xEE) and the image untouched.
 fn assert_ioerr(kind: u32, sector: u64, bufs: &[Buf]) {
+    for engine in [IoEngine::Sync, IoEngine::Uring] {
+        assert_ioerr_on(engine, kind, sector, bufs);
+    }
+}
+
+fn assert_ioerr_on(engine: IoEngine, kind: u32, sector: u64, bufs: &[Buf]) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     put_header(&mem, HDR, kind, sector);
     put(&mem, DATA, &[0xEE; 4096]);
     assert_eq!(rig.submit(bufs), 1, "used length of {bufs:?}");
@@ -378,11 +425,10 @@ fn assert_unanswered(rig: &mut Rig, bufs: &[Buf]) {
     assert_eq!(get(rig.mem, DATA, 1024), [0xEE; 1024]);
 }
 
-#[test]
-fn chains_without_a_writable_status_byte_are_returned_empty() {
+fn chains_without_a_writable_status_byte_are_returned_empty_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     // Status read-only.
     assert_unanswered(&mut rig, &[ro(HDR, 16), wo(DATA, 512), ro(STATUS, 1)]);
@@ -396,11 +442,10 @@ fn chains_without_a_writable_status_byte_are_returned_empty() {
     assert!(image.contents() == expected);
 }
 
-#[test]
-fn broken_chains_are_returned_empty() {
+fn broken_chains_are_returned_empty_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = Rig::new(&mem, disk(&image, false, FEATURES));
+    let mut rig = Rig::with_engine(engine, &mem, disk(&image, false, FEATURES));
     put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     put(&mem, DATA, &[0xEE; 1024]);
     put(&mem, STATUS, &[0xFF]);
@@ -431,4 +476,15 @@ fn broken_chains_are_returned_empty() {
     assert_eq!(rig.driver.used_idx(), before.wrapping_add(1));
     assert_eq!(rig.driver.used(before), (5, 513));
     assert_eq!(rig.status(), OK);
+}
+
+both_engines! {
+    out_then_in_with_several_data_descriptors_on => out_then_in_with_several_data_descriptors,
+    in_reads_the_image_up_to_the_last_sector_on => in_reads_the_image_up_to_the_last_sector,
+    any_descriptor_layout_is_accepted_on => any_descriptor_layout_is_accepted,
+    indirect_descriptors_on => indirect_descriptors,
+    get_id_writes_the_serial_on => get_id_writes_the_serial,
+    unknown_request_types_are_unsupported_on => unknown_request_types_are_unsupported,
+    chains_without_a_writable_status_byte_are_returned_empty_on => chains_without_a_writable_status_byte_are_returned_empty,
+    broken_chains_are_returned_empty_on => broken_chains_are_returned_empty,
 }

@@ -10,8 +10,10 @@ use virtio_bindings::bindings::virtio_blk::*;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{block, dev};
+use super::request::both_engines;
 use super::{get, pattern, put, put_header, status_at, TempImage, FEATURES};
 use crate::virtio::block::backend::{BlockBackend, FileBackend, IoBuf, IoBufMut};
+use crate::virtio::block::engine::IoEngine;
 use crate::virtio::block::{BlockConfig, VirtioBlock};
 use crate::virtio::features::VIRTIO_F_EVENT_IDX;
 use crate::virtio::testing::{memory, ro, wait_for, wo, Driver, Mem, TestInterrupt};
@@ -114,15 +116,20 @@ impl Rig<'_> {
     }
 }
 
-#[test]
-fn requests_are_served_on_kicks_and_interrupt() {
+fn requests_are_served_on_kicks_and_interrupt_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
     let cfg = BlockConfig {
         serial: Some("disk-0".into()),
         ..Default::default()
     };
-    let mut d = block(&image, cfg);
+    let mut d = block(
+        &image,
+        BlockConfig {
+            io_engine: engine,
+            ..cfg
+        },
+    );
     let mut rig = activate(&mut d, &mem, 1, FEATURES);
     let data: Vec<u8> = (0..1024).map(|i| (i * 3) as u8).collect();
     put(&mem, bufs(0).1, &data);
@@ -163,11 +170,16 @@ fn requests_are_served_on_kicks_and_interrupt() {
     assert_eq!(rig.drivers[0].used_idx(), n - 1);
 }
 
-#[test]
-fn requests_published_before_activation_are_served() {
+fn requests_published_before_activation_are_served_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut d = block(&image, BlockConfig::default());
+    let mut d = block(
+        &image,
+        BlockConfig {
+            io_engine: engine,
+            ..BlockConfig::default()
+        },
+    );
     let mut driver = Driver::new(&mem, 0, 16);
     let (hdr, data, status) = bufs(0);
     put_header(&mem, hdr, VIRTIO_BLK_T_IN, 0);
@@ -189,11 +201,16 @@ fn requests_published_before_activation_are_served() {
     wait_for("the interrupt", || irq.queue_count(0) == 1);
 }
 
-#[test]
-fn event_idx_suppresses_interrupts() {
+fn event_idx_suppresses_interrupts_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut d = block(&image, BlockConfig::default());
+    let mut d = block(
+        &image,
+        BlockConfig {
+            io_engine: engine,
+            ..BlockConfig::default()
+        },
+    );
     let mut rig = activate(&mut d, &mem, 1, FEATURES | VIRTIO_F_EVENT_IDX);
     rig.drivers[0].set_used_event(0);
     let n = rig.submit(0, VIRTIO_BLK_T_FLUSH, 0, 0, true);
@@ -209,11 +226,16 @@ fn event_idx_suppresses_interrupts() {
     assert_eq!(rig.irq.queue_count(0), 1);
 }
 
-#[test]
-fn a_broken_ring_needs_a_reset() {
+fn a_broken_ring_needs_a_reset_on(engine: IoEngine) {
     let mem = memory();
     let image = TempImage::new(IMAGE);
-    let mut d = block(&image, BlockConfig::default());
+    let mut d = block(
+        &image,
+        BlockConfig {
+            io_engine: engine,
+            ..BlockConfig::default()
+        },
+    );
     let rig = activate(&mut d, &mem, 1, FEATURES);
     // The available index runs more than a queue size ahead.
     rig.drivers[0].set_avail_idx(40);
@@ -300,4 +322,11 @@ fn worker_names() -> Vec<String> {
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
         .map(|s| s.trim().to_string())
         .collect()
+}
+
+both_engines! {
+    requests_are_served_on_kicks_and_interrupt_on => requests_are_served_on_kicks_and_interrupt,
+    requests_published_before_activation_are_served_on => requests_published_before_activation_are_served,
+    event_idx_suppresses_interrupts_on => event_idx_suppresses_interrupts,
+    a_broken_ring_needs_a_reset_on => a_broken_ring_needs_a_reset,
 }
