@@ -290,14 +290,7 @@ impl<M: GuestMemory + Send + 'static> VirtioDevice<M> for VirtioConsole {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| config.get(at).copied())
-                .unwrap_or(0);
-        }
+        super::ring::read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod console;
+pub mod ring;
 #[cfg(test)]
 pub(crate) mod testing;
 

@@ -9,10 +9,7 @@
 //! (EVENT_IDX aware). A batch stops after a budget of chains so that the worker can
 //! look at its stop signal in between.
 
-use std::num::Wrapping;
-use std::sync::atomic::Ordering;
-
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemory;
 
 use super::request::{self, Completion, Disk};
@@ -113,20 +110,5 @@ pub(super) fn next_chain<'m, M: GuestMemory>(
     queue: &mut Queue,
     mem: &'m M,
 ) -> Result<Option<DescriptorChain<&'m M>>, QueueError> {
-    // `AvailIter::next` also answers `None` when the head entry cannot be read; tell
-    // that apart from an empty ring (or a driver publishing right now) by retrying once.
-    for _ in 0..2 {
-        if let Some(chain) = queue.iter(mem).map_err(QueueError::AvailRing)?.next() {
-            return Ok(Some(chain));
-        }
-        let avail = queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(QueueError::AvailRing)?;
-        if avail == Wrapping(queue.next_avail()) {
-            return Ok(None);
-        }
-    }
-    Err(QueueError::AvailRing(
-        virtio_queue::Error::InvalidAvailRingIndex,
-    ))
+    crate::virtio::ring::next_chain(queue, mem).map_err(QueueError::AvailRing)
 }

@@ -1,0 +1,53 @@
+//! Ring and config-space helpers shared by every virtio device.
+
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemory;
+
+/// The next available chain, `None` when the ring is empty. `AvailIter::next` also
+/// answers `None` when the head entry cannot be read; that is told apart from an empty
+/// ring (or a driver publishing right now) by retrying once, and reported as an
+/// invalid avail ring.
+pub fn next_chain<'m, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'m M,
+) -> Result<Option<DescriptorChain<&'m M>>, virtio_queue::Error> {
+    for _ in 0..2 {
+        if let Some(chain) = queue.iter(mem)?.next() {
+            return Ok(Some(chain));
+        }
+        if queue.avail_idx(mem, Ordering::Acquire)? == Wrapping(queue.next_avail()) {
+            return Ok(None);
+        }
+    }
+    Err(virtio_queue::Error::InvalidAvailRingIndex)
+}
+
+/// Copies `data.len()` bytes of a device config space starting at `offset`; bytes past
+/// its end read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at).copied())
+            .unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let cfg = [1u8, 2, 3];
+        let mut out = [9u8; 4];
+        read_config_bytes(&cfg, 1, &mut out);
+        assert_eq!(out, [2, 3, 0, 0]);
+        read_config_bytes(&cfg, u64::MAX, &mut out);
+        assert_eq!(out, [0; 4]);
+    }
+}
