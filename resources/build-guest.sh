@@ -15,6 +15,12 @@
 # current linux-image-amd64 (a bzImage); its virtio/vfio drivers are modules, copied
 # into /lib/modules of the initramfs where the agent insmods them at start.
 #
+# FERRIO_GUEST_EXTRAS=fio builds the benchmark image instead, into target/guest-bench/
+# (same layout, its own manifest): the same tree plus Debian's fio, its shared
+# libraries (the ELF closure of /usr/bin/fio, taken from the library packages fio
+# depends on, downloaded like busybox) and the dynamic loader. ~80 MB and ~65 more
+# files, so it is kept out of the test image (each file costs boot time).
+#
 # Other environment: FERRIO_GUEST_FLAVOUR=pvm|stock overrides the host detection,
 # FERRIO_GUEST_DIR the output directory, FERRIO_BUSYBOX a busybox binary to use.
 # Downloaded packages are kept in <out>/cache; delete it to pick up newer versions.
@@ -22,7 +28,15 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCRIPT="$REPO/resources/build-guest.sh"
-OUT=${FERRIO_GUEST_DIR:-$REPO/target/guest}
+EXTRAS=${FERRIO_GUEST_EXTRAS:-}
+case "$EXTRAS" in
+"") OUT=${FERRIO_GUEST_DIR:-$REPO/target/guest} ;;
+fio) OUT=${FERRIO_GUEST_DIR:-$REPO/target/guest-bench} ;;
+*)
+    echo "build-guest: error: FERRIO_GUEST_EXTRAS must be empty or fio, not '$EXTRAS'" >&2
+    exit 1
+    ;;
+esac
 CACHE="$OUT/cache"
 SHARED=${FERRIO_SHARED_DIR:-$REPO/../shared/guest}
 CARGO=${CARGO:-cargo}
@@ -71,6 +85,92 @@ fetch() {
         deb=$(find "$CACHE" -maxdepth 1 -name "$1_*.deb" | sort | tail -n1)
     fi
     [ -n "$deb" ] && echo "$deb"
+}
+
+# deb_depends DEB: the packages DEB depends on (Pre-Depends and Depends; the first of
+# alternatives, without versions or architecture qualifiers), one per line.
+deb_depends() {
+    { dpkg-deb -f "$1" Pre-Depends && dpkg-deb -f "$1" Depends; } | tr ',' '\n' |
+        sed -e 's/|.*//' -e 's/(.*)//' -e 's/:any//' -e 's/[[:space:]]//g' | grep -v '^$' || true
+}
+
+# lib_closure PACKAGE: PACKAGE's .deb and, recursively, those of the library packages
+# (lib*, zlib1g) it depends on, one path per line. Other dependencies (python3, init
+# scripts) are not followed: only shared libraries are taken from these packages.
+lib_closure() {
+    local queue=$1 seen=" " pkg deb dep
+    while [ -n "$queue" ]; do
+        pkg=${queue%% *}
+        queue=${queue#"$pkg"}
+        queue=${queue# }
+        case "$seen" in *" $pkg "*) continue ;; esac
+        seen="$seen$pkg "
+        deb=$(fetch "$pkg") || {
+            log "error: cannot download $pkg (a dependency of $1)"
+            return 1
+        }
+        echo "$deb"
+        for dep in $(deb_depends "$deb"); do
+            case "$dep" in lib* | zlib1g) queue="$queue $dep" ;; esac
+        done
+        queue=${queue# }
+    done
+}
+
+# in_sysroot SYSROOT PATH: PATH (relative to SYSROOT) with its symlinks resolved inside
+# SYSROOT (absolute link targets are taken relative to it, never to the host's /).
+in_sysroot() {
+    local p=$2 t n=0
+    while [ -L "$1/$p" ]; do
+        t=$(readlink "$1/$p")
+        case "$t" in /*) p=${t#/} ;; *) p=$(dirname "$p")/$t ;; esac
+        n=$((n + 1))
+        [ $n -lt 20 ] || return 1
+    done
+    [ -f "$1/$p" ] && echo "$p"
+}
+
+# install_elf SYSROOT ROOT BIN: copies BIN (a path relative to SYSROOT), its program
+# interpreter and every shared library it needs, recursively, from SYSROOT into ROOT,
+# each as a regular file at the path the loader searches (RUNPATH, then the Debian
+# multiarch directories). Dies naming any library no package provided.
+install_elf() {
+    local sys=$1 root=$2 queue=$3 done_=" " f dyn rpath so dir src found interp
+    local libdirs="lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu lib64 usr/lib64 lib usr/lib"
+    put() {
+        mkdir -p "$root/$(dirname "$2")"
+        cp "$sys/$1" "$root/$2"
+        chmod 0755 "$root/$2"
+    }
+    interp=$(readelf -l "$sys/$3" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
+    [ -n "$interp" ] || die "$3 has no program interpreter"
+    src=$(in_sysroot "$sys" "${interp#/}") || die "$3: interpreter $interp not in the packages"
+    put "$src" "${interp#/}"
+    src=$(in_sysroot "$sys" "$3") || die "$3 not in the packages"
+    put "$src" "$3"
+    while [ -n "$queue" ]; do
+        f=${queue%% *}
+        queue=${queue#"$f"}
+        queue=${queue# }
+        dyn=$(readelf -d "$root/$f")
+        rpath=$(printf '%s\n' "$dyn" | sed -n 's/.*(R[UN]*PATH).*\[\(.*\)\]/\1/p' | tr ':' ' ')
+        for so in $(printf '%s\n' "$dyn" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+            # libc needs the loader by its soname: ld.so satisfies that with itself.
+            [ "$so" = "$(basename "$interp")" ] && continue
+            case "$done_" in *" $so "*) continue ;; esac
+            found=""
+            for dir in $rpath $libdirs; do
+                if src=$(in_sysroot "$sys" "${dir#/}/$so"); then
+                    found=${dir#/}/$so
+                    break
+                fi
+            done
+            [ -n "$found" ] || die "$so (needed by $f) is in none of the downloaded packages"
+            put "$src" "$found"
+            done_="$done_$so "
+            queue="${queue:+$queue }$found"
+        done
+    done
 }
 
 mkdir -p "$OUT" "$CACHE"
@@ -132,6 +232,16 @@ else
     die "no busybox: 'apt-get download busybox-static' failed and /bin/busybox is not static (apt-get install busybox-static, or set FERRIO_BUSYBOX)"
 fi
 
+# ---- extras ------------------------------------------------------------------------
+EXTRA_DEBS=""
+EXTRAS_INPUT=none
+if [ "$EXTRAS" = fio ]; then
+    need readelf binutils
+    EXTRA_DEBS=$(lib_closure fio) || die "cannot download fio and its libraries (apt-get download)"
+    EXTRAS_INPUT="fio $(echo "$EXTRA_DEBS" | wc -l) debs $(echo "$EXTRA_DEBS" |
+        while read -r deb; do echo "$(basename "$deb") $(sha "$deb")"; done | sha256sum | cut -d' ' -f1)"
+fi
+
 # ---- agent -------------------------------------------------------------------------
 need "$CARGO" cargo
 log "building ferrio-agent"
@@ -150,6 +260,7 @@ busybox $(basename "$BUSYBOX_SRC") $(sha "$BUSYBOX_SRC")
 kernel $KERNEL_SRC $(sha "$KERNEL_SRC")
 flavour $FLAVOUR
 compression $COMPRESSION
+extras $EXTRAS_INPUT
 cmdline $CMDLINE"
 INPUTS_HASH=$(printf '%s\n' "$INPUTS" | sha256sum | cut -d' ' -f1)
 MANIFEST="$OUT/manifest"
@@ -231,6 +342,13 @@ if [ -n "$MODULES_SRC" ]; then
     fi
 fi
 
+if [ -n "$EXTRA_DEBS" ]; then
+    mkdir -p "$STAGE/sysroot"
+    while read -r deb; do dpkg-deb -x "$deb" "$STAGE/sysroot"; done <<<"$EXTRA_DEBS"
+    install_elf "$STAGE/sysroot" "$ROOT" usr/bin/fio
+    log "fio: $(find "$ROOT/usr" "$ROOT/lib" "$ROOT/lib64" -type f -not -path "$ROOT/lib/modules/*" | wc -l) files"
+fi
+
 # ---- archive -----------------------------------------------------------------------
 find "$ROOT" -exec touch -h -d @0 {} +
 (cd "$ROOT" && find . -mindepth 1 -print0 | sort -z |
@@ -253,6 +371,7 @@ printf '%s\n' "$CMDLINE" >"$OUT/cmdline"
     echo "initramfs=$OUT/$INITRAMFS_NAME"
     echo "cmdline_file=$OUT/cmdline"
     echo "flavour=$FLAVOUR"
+    echo "extras=$EXTRAS"
     echo "kernel_sha256=$(sha "$OUT/$KERNEL_NAME")"
     echo "initramfs_sha256=$(sha "$OUT/$INITRAMFS_NAME")"
     printf '%s\n' "$INPUTS" | sed 's/^/# input: /'

@@ -2,13 +2,16 @@
 # Installs what ferrio's build, guest image and tests need on a Debian/Ubuntu KVM host,
 # and checks the host. Idempotent: does nothing when everything is there.
 #   --with-qemu   also install qemu-system-x86 (only the benchmarks compare against QEMU)
+#   --with-fio    also install fio (blk-bench runs it on the host as the upper limit)
 set -euo pipefail
 
 with_qemu=0
+with_fio=0
 for arg in "$@"; do
     case "$arg" in
         --with-qemu) with_qemu=1 ;;
-        *) echo "usage: $0 [--with-qemu]" >&2; exit 2 ;;
+        --with-fio) with_fio=1 ;;
+        *) echo "usage: $0 [--with-qemu] [--with-fio]" >&2; exit 2 ;;
     esac
 done
 
@@ -16,6 +19,7 @@ done
 # .deb by build-guest.sh itself, so it need not be installed).
 need=(gcc libc6-dev zstd cpio)
 [ "$with_qemu" = 1 ] && need+=(qemu-system-x86)
+[ "$with_fio" = 1 ] && need+=(fio binutils)
 
 missing=()
 for pkg in "${need[@]}"; do

@@ -6,6 +6,7 @@ use crate::report::Reporter;
 
 pub mod blk;
 pub mod boot;
+pub mod fio;
 pub mod pci;
 
 /// A scenario entry point.
@@ -17,6 +18,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("pci", pci::run),
     ("blk", blk::run),
     ("blk-durable", blk::run_durable),
+    ("fio", fio::run),
     ("selftest-panic", selftest_panic),
 ];
 
