@@ -81,7 +81,9 @@ fetch() {
     if [ -z "$deb" ]; then
         need apt-get apt
         log "downloading $1"
-        (cd "$CACHE" && apt-get download "$1" >&2) || return 1
+        # Empty package lists (a fresh machine) make the download fail: update once.
+        (cd "$CACHE" && apt-get download "$1" >&2) ||
+            { apt-get update >&2 && (cd "$CACHE" && apt-get download "$1" >&2); } || return 1
         deb=$(find "$CACHE" -maxdepth 1 -name "$1_*.deb" | sort | tail -n1)
     fi
     [ -n "$deb" ] && echo "$deb"
