@@ -166,7 +166,7 @@ pub fn boot_lock() -> Result<FileLock> {
 /// stdout is the guest's serial console, and collects the agent's output. The process
 /// (with its process group) is killed after `limit`. Take [`boot_lock`] around it when
 /// it boots a real guest.
-pub fn run_command(mut cmd: Command, scenario: &str, limit: Duration) -> Result<Outcome> {
+pub fn run_command(cmd: Command, scenario: &str, limit: Duration) -> Result<Outcome> {
     let (log_path, mut log) = log_file(scenario)?;
     let _ = writeln!(log, "# {cmd:?}");
     eprintln!(
@@ -174,26 +174,8 @@ pub fn run_command(mut cmd: Command, scenario: &str, limit: Duration) -> Result<
         log_path.display()
     );
 
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::io(format!("spawn {cmd:?}"), e))?;
-    let (tx, rx) = mpsc::channel();
-    if let Some(stdout) = child.stdout.take() {
-        thread::spawn(move || pump_lines(stdout, tx));
-    }
-    let (err_tx, err_rx) = mpsc::channel();
-    if let Some(mut err) = child.stderr.take() {
-        thread::spawn(move || {
-            let mut text = Vec::new();
-            let _ = err.read_to_end(&mut text);
-            let _ = err_tx.send(String::from_utf8_lossy(&text).into_owned());
-        });
-    }
+    let (mut child, rx, err_rx) = spawn_piped(cmd)?;
 
     let deadline = start + limit;
     let mut outcome_console = String::new();
@@ -270,6 +252,33 @@ pub fn run_command(mut cmd: Command, scenario: &str, limit: Duration) -> Result<
         protocol_errors: errors,
         log_path,
     })
+}
+
+/// Spawns `cmd` as a process-group leader with stdin closed; returns the child, its
+/// stdout as lines, and its whole stderr once it closed.
+pub(crate) fn spawn_piped(
+    mut cmd: Command,
+) -> Result<(Child, mpsc::Receiver<Line>, mpsc::Receiver<String>)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io(format!("spawn {cmd:?}"), e))?;
+    let (tx, lines) = mpsc::channel();
+    if let Some(stdout) = child.stdout.take() {
+        thread::spawn(move || pump_lines(stdout, tx));
+    }
+    let (err_tx, stderr) = mpsc::channel();
+    if let Some(mut err) = child.stderr.take() {
+        thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = err.read_to_end(&mut text);
+            let _ = err_tx.send(String::from_utf8_lossy(&text).into_owned());
+        });
+    }
+    Ok((child, lines, stderr))
 }
 
 #[cfg(test)]

@@ -3,15 +3,13 @@
 //! lines are teed to stderr and a log file like [`crate::run`] does.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::boot::{kill, log_file, pump_lines, Line};
+use crate::boot::{kill, log_file, spawn_piped, Line};
 use crate::protocol::{parse_line, CheckResult, Event};
 use crate::{boot_lock, ensure_image, ferrio_binary, Boot, Error, FileLock, GuestImage, Result};
 
@@ -46,32 +44,14 @@ impl LiveGuest {
     }
 
     /// Spawns any command whose stdout is a guest console (no lock taken).
-    pub fn spawn_command(mut cmd: Command, scenario: &str) -> Result<LiveGuest> {
+    pub fn spawn_command(cmd: Command, scenario: &str) -> Result<LiveGuest> {
         let (log_path, mut log) = log_file(scenario)?;
         let _ = writeln!(log, "# {cmd:?}");
         eprintln!(
             "[guest-tests] {cmd:?}\n[guest-tests] log: {}",
             log_path.display()
         );
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::io(format!("spawn {cmd:?}"), e))?;
-        let (tx, lines) = mpsc::channel();
-        if let Some(stdout) = child.stdout.take() {
-            thread::spawn(move || pump_lines(stdout, tx));
-        }
-        let (err_tx, stderr) = mpsc::channel();
-        if let Some(mut err) = child.stderr.take() {
-            thread::spawn(move || {
-                let mut text = Vec::new();
-                let _ = err.read_to_end(&mut text);
-                let _ = err_tx.send(String::from_utf8_lossy(&text).into_owned());
-            });
-        }
+        let (child, lines, stderr) = spawn_piped(cmd)?;
         Ok(LiveGuest {
             child,
             lines,
