@@ -6,6 +6,22 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
+/// A ring error the device cannot recover from: it must report DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// The available ring cannot be read or its index is inconsistent (it moved more
+    /// than the queue size ahead of the device, say).
+    #[error("malformed available ring: {0}")]
+    AvailRing(#[source] virtio_queue::Error),
+    /// A used element or the used index cannot be written.
+    #[error("cannot write the used ring: {0}")]
+    UsedRing(#[source] virtio_queue::Error),
+    /// The notification suppression fields (used flags, avail_event) cannot be
+    /// accessed.
+    #[error("cannot update notification suppression: {0}")]
+    Notification(#[source] virtio_queue::Error),
+}
+
 /// The next available chain, `None` when the ring is empty. `AvailIter::next` also
 /// answers `None` when the head entry cannot be read; that is told apart from an empty
 /// ring (or a driver publishing right now) by retrying once, and reported as an

@@ -13,19 +13,14 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemory;
 
 use super::request::{self, Completion, Disk};
+use crate::virtio::ring::RingError;
 
 /// A ring error the device cannot recover from: it must report DEVICE_NEEDS_RESET.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    /// The available ring cannot be read or its index is inconsistent.
-    #[error("malformed available ring: {0}")]
-    AvailRing(#[source] virtio_queue::Error),
-    /// A used element or the used index cannot be written.
-    #[error("cannot write the used ring: {0}")]
-    UsedRing(#[source] virtio_queue::Error),
-    /// The notification suppression fields cannot be accessed.
-    #[error("cannot update notification suppression: {0}")]
-    Notification(#[source] virtio_queue::Error),
+    /// The ring itself is malformed or cannot be written.
+    #[error(transparent)]
+    Ring(#[from] RingError),
     /// The I/O engine cannot submit or reap requests any more.
     #[error("the I/O engine failed: {0}")]
     Engine(#[source] std::io::Error),
@@ -58,7 +53,7 @@ pub fn process_queue<M: GuestMemory>(
     'batch: loop {
         queue
             .disable_notification(mem)
-            .map_err(QueueError::Notification)?;
+            .map_err(RingError::Notification)?;
         while let Some(chain) = next_chain(queue, mem)? {
             let head = chain.head_index();
             let done = request::process(chain, mem, disk);
@@ -71,7 +66,7 @@ pub fn process_queue<M: GuestMemory>(
         }
         if !queue
             .enable_notification(mem)
-            .map_err(QueueError::Notification)?
+            .map_err(RingError::Notification)?
         {
             break;
         }
@@ -79,7 +74,7 @@ pub fn process_queue<M: GuestMemory>(
     stats.notify = stats.completed > 0
         && queue
             .needs_notification(mem)
-            .map_err(QueueError::Notification)?;
+            .map_err(RingError::Notification)?;
     Ok(stats)
 }
 
@@ -99,7 +94,7 @@ pub(super) fn return_chain<M: GuestMemory>(
     } else {
         queue
             .add_used(mem, head, done.used_len)
-            .map_err(QueueError::UsedRing)?;
+            .map_err(RingError::UsedRing)?;
         stats.completed += 1;
     }
     Ok(())
@@ -110,5 +105,5 @@ pub(super) fn next_chain<'m, M: GuestMemory>(
     queue: &mut Queue,
     mem: &'m M,
 ) -> Result<Option<DescriptorChain<&'m M>>, QueueError> {
-    crate::virtio::ring::next_chain(queue, mem).map_err(QueueError::AvailRing)
+    crate::virtio::ring::next_chain(queue, mem).map_err(|e| RingError::AvailRing(e).into())
 }

@@ -29,6 +29,7 @@ use super::exec;
 use super::io::{self as guest_io, GuestIovecs};
 use super::queue::{next_chain, return_chain, QueueError, QueueStats};
 use super::request::{self, ioerr, Completion, Disk, Outcome, Request, Transfer};
+use crate::virtio::ring::RingError;
 
 mod setup;
 
@@ -377,7 +378,7 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
         'batch: loop {
             queue
                 .disable_notification(mem)
-                .map_err(QueueError::Notification)?;
+                .map_err(RingError::Notification)?;
             loop {
                 if self.free.is_empty() {
                     // Every slot is taken: the rest waits for completions (`reap`
@@ -399,7 +400,7 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
             }
             if !queue
                 .enable_notification(mem)
-                .map_err(QueueError::Notification)?
+                .map_err(RingError::Notification)?
             {
                 break;
             }
@@ -408,7 +409,7 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
         stats.notify = stats.completed > 0
             && queue
                 .needs_notification(mem)
-                .map_err(QueueError::Notification)?;
+                .map_err(RingError::Notification)?;
         Ok(stats)
     }
 
@@ -460,7 +461,7 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
         stats.notify = stats.completed > 0
             && queue
                 .needs_notification(mem)
-                .map_err(QueueError::Notification)?;
+                .map_err(RingError::Notification)?;
         Ok(stats)
     }
 

@@ -23,21 +23,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 /// Largest piece copied from guest memory to the sink at once.
 const COPY_CHUNK: usize = 4096;
 
-/// A ring error the device cannot recover from: it must report DEVICE_NEEDS_RESET.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    /// The available ring cannot be read or its index is inconsistent (it moved more
-    /// than the queue size ahead of the device, say).
-    #[error("malformed available ring: {0}")]
-    AvailRing(#[source] virtio_queue::Error),
-    /// A used element or the used index cannot be written.
-    #[error("cannot write the used ring: {0}")]
-    UsedRing(#[source] virtio_queue::Error),
-    /// The notification suppression fields (used flags, avail_event) cannot be
-    /// accessed.
-    #[error("cannot update notification suppression: {0}")]
-    Notification(#[source] virtio_queue::Error),
-}
+/// A ring error the device cannot recover from (shared by every device).
+pub use crate::virtio::ring::RingError as QueueError;
 
 /// Why one descriptor chain was refused (the chain is returned with length 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
