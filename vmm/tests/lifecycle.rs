@@ -137,22 +137,7 @@ fn a_writable_disk_image_is_locked_against_a_second_vmm() {
     let rw = format!("path={}", img.display());
     let ro = format!("path={},readonly=on", img.display());
     // The first VMM holds the image while its guest spins.
-    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_ferrio"))
-        .args([
-            "run",
-            "--memory",
-            "64M",
-            "--timeout",
-            "20",
-            "--serial",
-            "none",
-            "--kernel",
-        ])
-        .arg(&k)
-        .args(["--disk", &rw])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = common::spawn(&k, &["--disk", &rw]);
     std::thread::sleep(std::time::Duration::from_millis(500));
     for spec in [&rw, &ro] {
         let o = ferrio(&k, &["--disk", spec, "--timeout", "5"]);
@@ -169,22 +154,7 @@ fn a_writable_disk_image_is_locked_against_a_second_vmm() {
     let spin = dir.path().join("spin.elf");
     Code::default().spin().write_elf(&spin);
     Code::default().power_off().write_elf(&k);
-    let mut reader = std::process::Command::new(env!("CARGO_BIN_EXE_ferrio"))
-        .args([
-            "run",
-            "--memory",
-            "64M",
-            "--timeout",
-            "20",
-            "--serial",
-            "none",
-            "--kernel",
-        ])
-        .arg(&spin)
-        .args(["--disk", &ro])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut reader = common::spawn(&spin, &["--disk", &ro]);
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(
         reader.try_wait().unwrap().is_none(),

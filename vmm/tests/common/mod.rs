@@ -131,3 +131,24 @@ pub fn ferrio(kernel: &Path, args: &[&str]) -> Output {
     cmd.stdin(std::process::Stdio::null());
     cmd.output().expect("run ferrio")
 }
+
+/// Starts `ferrio run` in the background (serial off, 20 s timeout) for tests that need
+/// a VMM running while they act.
+pub fn spawn(kernel: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_ferrio"))
+        .args([
+            "run",
+            "--memory",
+            "64M",
+            "--timeout",
+            "20",
+            "--serial",
+            "none",
+            "--kernel",
+        ])
+        .arg(kernel)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ferrio")
+}
