@@ -102,6 +102,7 @@ fn run(image: &Path, direct: bool, engine: IoEngine, job: &Job, secs: f64) -> (f
             notify: kick.try_clone().unwrap(),
         }],
         interrupt: Arc::new(NoIrq),
+        dma: Default::default(),
     })
     .unwrap();
     let sectors = IMAGE_SIZE / 512;

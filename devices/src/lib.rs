@@ -3,6 +3,7 @@
 //! embed them and unit tests can drive them directly.
 
 pub mod bus;
+pub mod dma;
 pub mod legacy;
 pub mod serial;
 pub mod virtio;

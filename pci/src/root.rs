@@ -225,6 +225,15 @@ impl PciRoot {
         slot: Option<u8>,
         dev: SharedPciDevice,
     ) -> Result<PciAddress, PciError> {
+        let address = self.next_address(slot)?;
+        self.functions.insert(address.devfn(), dev);
+        tracing::debug!(%address, "PCI device added");
+        Ok(address)
+    }
+
+    /// The address [`Self::add_device`] would give a device for `slot` now (to know a
+    /// function's address before building it, e.g. its IOMMU endpoint id).
+    pub fn next_address(&self, slot: Option<u8>) -> Result<PciAddress, PciError> {
         let device = match slot {
             Some(s) => s,
             None => (1..DEVICES_PER_BUS)
@@ -236,8 +245,6 @@ impl PciRoot {
         if self.slot_used(device) {
             return Err(PciError::Occupied(address));
         }
-        self.functions.insert(address.devfn(), dev);
-        tracing::debug!(%address, "PCI device added");
         Ok(address)
     }
 

@@ -7,12 +7,15 @@
 //!
 //! ```text
 //! ACPI_START  RSDP (16-byte aligned, so the legacy BIOS-area scan finds it too)
-//!             DSDT, FADT, MADT, MCFG, XSDT (each 8-byte aligned)
+//!             DSDT, FADT, MADT, MCFG, [VIOT,] XSDT (each 8-byte aligned)
 //! ```
+//!
+//! The VIOT (`viot.rs`) is there when a virtio-iommu is.
 //!
 //! Each PCI segment gets an MCFG allocation and a host bridge in the DSDT (`dsdt.rs`).
 
 mod dsdt;
+pub mod viot;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -62,6 +65,8 @@ pub struct AcpiConfig<'a> {
     /// The PCI segments ([`layout::pci_segments`]): one MCFG entry and one host bridge
     /// each (ids below [`layout::MAX_PCI_SEGMENTS`]).
     pub pci_segments: &'a [PciSegmentLayout],
+    /// The virtio-iommu and its endpoints, when there is one.
+    pub viot: Option<&'a viot::ViotConfig>,
 }
 
 /// Errors of [`create_acpi_tables`].
@@ -101,7 +106,11 @@ pub fn create_acpi_tables<M: GuestMemory>(
     let fadt_addr = area.write(&fadt(dsdt_addr))?;
     let madt_addr = area.write(&madt(cfg.vcpus))?;
     let mcfg_addr = area.write(&mcfg(cfg.pci_segments))?;
-    let xsdt_addr = area.write(&xsdt(&[fadt_addr, madt_addr, mcfg_addr]))?;
+    let mut tables = vec![fadt_addr, madt_addr, mcfg_addr];
+    if let Some(v) = cfg.viot {
+        tables.push(area.write(&viot::viot(v))?);
+    }
+    let xsdt_addr = area.write(&xsdt(&tables))?;
     area.write_at(rsdp_addr, &to_bytes(&Rsdp::new(OEM_ID, xsdt_addr.0)))?;
     Ok(rsdp_addr)
 }
@@ -244,6 +253,7 @@ mod tests {
         AcpiConfig {
             vcpus,
             pci_segments,
+            viot: None,
         }
     }
 

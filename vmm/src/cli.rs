@@ -72,6 +72,14 @@ pub struct RunArgs {
     /// path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N]
     #[arg(long, value_name = "path=FILE[,...]")]
     pub disk: Vec<String>,
+    /// A virtio-net NIC over a TAP (repeatable): tap=NAME (an existing TAP interface) or
+    /// fd=N (an inherited TAP fd), [,mac=MAC][,num_queue_pairs=N][,queue_size=N][,slot=N]
+    #[arg(long, value_name = "tap=NAME|fd=N[,...]")]
+    pub net: Vec<String>,
+    /// Add a virtio-iommu; devices given `iommu=on` are placed behind it (their DMA is
+    /// translated; the guest finds it through the ACPI VIOT table).
+    #[arg(long)]
+    pub iommu: bool,
     /// Stop with an error if the VM runs longer than this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
@@ -96,6 +104,8 @@ impl RunArgs {
             timeout: self.timeout,
             console: self.console.clone(),
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
+            net: (!self.net.is_empty()).then(|| self.net.clone()),
+            iommu: self.iommu.then_some(true),
         }
     }
 }

@@ -50,6 +50,10 @@ pub struct VmConfig {
     pub console: Option<ConsoleConfig>,
     /// virtio-blk devices, in guest order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, in guest order.
+    pub nets: Vec<NetConfig>,
+    /// A virtio-iommu translating the DMA of the devices with `iommu=on`.
+    pub iommu: bool,
 }
 
 /// Smallest guest RAM accepted.
@@ -123,6 +127,9 @@ pub enum ConfigError {
     /// A device spec (`--console`, ...) is malformed or conflicts with another.
     #[error("invalid device spec '{spec}': {reason}")]
     BadDevice { spec: String, reason: String },
+    /// A device asks for `iommu=on` but there is no virtio-iommu.
+    #[error("iommu=on needs a virtio-iommu: add --iommu (or `iommu = true` in the config file)")]
+    NoIommu,
     /// `timeout` is 0.
     #[error("timeout must be at least 1 second")]
     ZeroTimeout,
@@ -266,6 +273,10 @@ pub struct FileConfig {
     pub console: Option<String>,
     /// virtio-blk specs, same syntax as `--disk`.
     pub disk: Option<Vec<String>>,
+    /// virtio-net specs, same syntax as `--net`.
+    pub net: Option<Vec<String>>,
+    /// Create a virtio-iommu (`--iommu`).
+    pub iommu: Option<bool>,
 }
 
 /// Byte offset to 1-based `line:column`.
@@ -357,6 +368,8 @@ impl ConfigBuilder {
         l.timeout = top.timeout.or(l.timeout);
         l.console = top.console.or(l.console.take());
         l.disk = top.disk.or(l.disk.take());
+        l.net = top.net.or(l.net.take());
+        l.iommu = top.iommu.or(l.iommu);
         self
     }
 
@@ -432,6 +445,18 @@ impl ConfigBuilder {
             .flatten()
             .map(|spec| parse_disk(spec))
             .collect::<Result<Vec<_>, _>>()?;
+        let nets = l
+            .net
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, spec)| parse_net(spec, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let iommu = l.iommu.unwrap_or(false);
+        let behind_iommu = console.iter().map(|c| c.iommu).chain(disks.iter().map(|d| d.iommu));
+        if !iommu && behind_iommu.chain(nets.iter().map(|n| n.iommu)).any(|on| on) {
+            return Err(ConfigError::NoIommu);
+        }
         let kernel = l.kernel.ok_or(ConfigError::NoKernel)?;
         if let Err(reason) = check_kernel(&kernel) {
             return Err(ConfigError::Kernel {
@@ -473,6 +498,8 @@ impl ConfigBuilder {
             kvm_device,
             console,
             disks,
+            nets,
+            iommu,
         })
     }
 }
@@ -505,8 +532,10 @@ fn check_kernel(path: &Path) -> Result<(), String> {
 
 mod console;
 mod disk;
+mod net;
 #[cfg(test)]
 mod tests;
 
 pub use console::{parse_console, ConsoleBackend, ConsoleConfig, MAX_PCI_SLOT};
 pub use disk::{check_disk_file, parse_disk, DiskConfig};
+pub use net::{parse_net, MacAddr, NetBackendConfig, NetConfig};

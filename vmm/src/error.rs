@@ -52,6 +52,13 @@ pub enum Error {
     },
     #[error("disk {}: {reason}", path.display())]
     Disk { path: PathBuf, reason: String },
+    #[error("net: {0}")]
+    Tap(#[from] ferrio_devices::virtio::net::tap::TapError),
+    #[error("net: fd {fd}: {source}")]
+    NetFd {
+        fd: std::os::fd::RawFd,
+        source: std::io::Error,
+    },
     #[error("PCI: {0}")]
     Pci(String),
     #[error("{what}: {source}")]

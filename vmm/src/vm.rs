@@ -17,6 +17,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::acpi::viot::ViotConfig;
 use crate::acpi::{create_acpi_tables, AcpiConfig};
 use crate::boot::{self, BootSetup};
 use crate::config::{SerialConfig, VmConfig};
@@ -27,6 +28,7 @@ use crate::error::Error;
 use crate::exit::{StopReason, StopSignal};
 use crate::interrupts::GsiRouting;
 use crate::layout::{self, pio};
+use crate::pci::placement::Placement;
 use crate::pci::{self, PciBuilder};
 use crate::{memory, mptable};
 
@@ -108,11 +110,14 @@ impl Vm {
 
         let ram_end = memory::ram_end(config.memory_bytes);
         let pci_segments = layout::pci_segments(1, ram_end);
+        let mut pci = PciBuilder::new(routing.clone(), &pci_segments)?;
+        let viot = add_pci_devices(config, &mut pci, &mem)?;
         let rsdp = create_acpi_tables(
             &mem,
             &AcpiConfig {
                 vcpus: config.cpus,
                 pci_segments: &pci_segments,
+                viot: viot.as_ref(),
             },
         )?;
         mptable::setup_mptable(&mem, config.cpus)?;
@@ -170,16 +175,6 @@ impl Vm {
         )));
         pio_bus.insert(acpi_pm, pio::ACPI_SLEEP_CONTROL, pio::ACPI_REGS_LEN)?;
 
-        let mut pci = PciBuilder::new(routing.clone(), &pci_segments)?;
-        if let Some(console) = &config.console {
-            let dev = pci::console::create(&console.backend)?;
-            let address = pci.add_virtio(Box::new(dev), mem.clone(), console.slot)?;
-            tracing::info!(%address, "virtio-console");
-        }
-        for d in &config.disks {
-            let address = pci.add_virtio(Box::new(pci::disk::create(d)?), mem.clone(), d.slot)?;
-            tracing::info!(%address, path = %d.path.display(), "virtio-blk");
-        }
         pci.attach(vm.clone(), &mmio_bus, &pio_bus)?;
 
         let io_thread = spawn_io_thread(&serial, drained, &config.serial, stop.clone())?;
@@ -330,6 +325,29 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, Error> {
         });
     }
     Ok(kvm)
+}
+
+/// Builds the configured virtio devices onto segment 0 (the virtio-iommu last, after
+/// its endpoints); returns what the VIOT must describe, if there is an IOMMU.
+fn add_pci_devices(
+    config: &VmConfig,
+    pci: &mut PciBuilder,
+    mem: &GuestMemoryMmap,
+) -> Result<Option<ViotConfig>, Error> {
+    let mut place = Placement::new(pci, mem.clone(), config.iommu);
+    if let Some(c) = &config.console {
+        let address = place.add(pci::console::create(&c.backend)?, c.slot, c.iommu)?;
+        tracing::info!(%address, iommu = c.iommu, "virtio-console");
+    }
+    for d in &config.disks {
+        let address = place.add(pci::disk::create(d)?, d.slot, d.iommu)?;
+        tracing::info!(%address, path = %d.path.display(), iommu = d.iommu, "virtio-blk");
+    }
+    for n in &config.nets {
+        let address = place.add(pci::net::create(n)?, n.slot, n.iommu)?;
+        tracing::info!(%address, mac = %n.mac, iommu = n.iommu, "virtio-net");
+    }
+    place.finish()
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {

@@ -344,3 +344,17 @@ fn version() {
         run.stdout
     );
 }
+
+#[test]
+fn bad_nets() {
+    let (_dir, kernel) = workdir();
+    let run = |spec: &str| expect_error(&["run", "--kernel", &kernel, "--net", spec]);
+    let line = run("tap=ftap0,mac=01:02:03:04:05:06");
+    assert!(line.contains("unicast"), "{line}");
+    let line = run("tap=ftap0,mac=52:54:00");
+    assert!(line.contains("mac must be"), "{line}");
+    let line = run("mac=52:54:00:12:34:56");
+    assert!(line.contains("tap=NAME or fd=N"), "{line}");
+    let line = run("tap=a,num_queue_pairs=2,fd=4");
+    assert!(line.contains("exactly one"), "{line}");
+}

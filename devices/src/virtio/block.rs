@@ -9,6 +9,11 @@
 //! data moves between the backend and guest memory with vectored system calls on
 //! pointers into guest memory, without a bounce buffer ([`backend`]).
 //!
+//! Behind an IOMMU each request holds a guard of the activation's DMA tracker from the
+//! pop of its chain to its used element (an io_uring request keeps it while in
+//! flight), none while the backend syncs or discards, and none while a worker waits. A
+//! data buffer the mapping refuses fails its request with IOERR before any byte moves.
+//!
 //! Durability: VIRTIO_BLK_F_FLUSH is offered, so writes may sit in the host page cache
 //! until a FLUSH request, which completes only after `fdatasync` returned. A driver that
 //! does not negotiate FLUSH gets write-through: every write, discard and write-zeroes
@@ -317,6 +322,7 @@ impl VirtioBlock {
             mem,
             queues,
             interrupt,
+            dma,
         } = activation;
         if queues.is_empty() {
             return Err(ActivateError::MissingQueue(0));
@@ -358,6 +364,7 @@ impl VirtioBlock {
                 disk: disk.clone(),
                 interrupt: interrupt.clone(),
                 engine,
+                dma: dma.clone(),
             };
             match Worker::spawn(ctx) {
                 Ok(worker) => workers.push(worker),

@@ -5,6 +5,8 @@
 //! from an [`InputSource`] (any readable fd: stdin, a file, a Unix socket). While the
 //! device is active a worker thread named `virtio-console` serves both queues
 //! (module `worker`); the ring handling itself lives in [`queue`], free of threads.
+//! Behind an IOMMU the queue functions touch guest memory only under a guard of the
+//! activation's DMA tracker, and put it down while the sink writes.
 //!
 //! Input is read only while fewer than [`MAX_PENDING_INPUT`] bytes wait for guest
 //! buffers, so a fast producer is back-pressured, never dropped; pending bytes survive a
@@ -219,6 +221,7 @@ impl VirtioConsole {
             mem,
             queues,
             interrupt,
+            dma,
         } = activation;
         let (mut rx, mut tx) = (None, None);
         for queue in queues {
@@ -244,6 +247,7 @@ impl VirtioConsole {
             interrupt: interrupt.clone(),
             sink: self.sink.clone(),
             input: std::mem::take(input),
+            dma,
         })?;
         tracing::debug!("virtio-console: activated (event_idx: {event_idx})");
         self.state = State::Active { worker, interrupt };

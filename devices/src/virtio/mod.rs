@@ -9,6 +9,9 @@
 
 pub mod block;
 pub mod console;
+pub mod dma_hold;
+pub mod iov;
+pub mod net;
 pub mod ring;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -16,6 +19,8 @@ pub(crate) mod testing;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::dma::DmaTracker;
 
 /// Feature bits of the transport/ring layer (virtio 1.2, section 6).
 pub mod features {
@@ -73,6 +78,12 @@ pub struct Activation<M> {
     /// The queues the driver enabled, in index order.
     pub queues: Vec<ActiveQueue>,
     pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// Marks guest-memory accesses in flight. A device behind an IOMMU holds a
+    /// [`DmaGuard`](crate::dma::DmaGuard) from it across every access to `mem` (ring
+    /// and buffers) of a request or batch, so that an IOMMU UNMAP completes only after
+    /// the accesses that started before it; never while waiting for the guest.
+    /// Untracked (free) for devices that see guest-physical memory.
+    pub dma: DmaTracker,
 }
 
 /// Why a device refused activation (the transport then sets DEVICE_NEEDS_RESET).

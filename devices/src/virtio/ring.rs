@@ -3,8 +3,9 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 /// A ring error the device cannot recover from: it must report DEVICE_NEEDS_RESET.
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +14,10 @@ pub enum RingError {
     /// than the queue size ahead of the device, say).
     #[error("malformed available ring: {0}")]
     AvailRing(#[source] virtio_queue::Error),
+    /// The descriptor-table entry of an available head cannot be read (behind an
+    /// IOMMU: the table is not mapped).
+    #[error("cannot read entry {0} of the descriptor table")]
+    DescTable(u16),
     /// A used element or the used index cannot be written.
     #[error("cannot write the used ring: {0}")]
     UsedRing(#[source] virtio_queue::Error),
@@ -39,6 +44,30 @@ pub fn next_chain<'m, M: GuestMemory>(
         }
     }
     Err(virtio_queue::Error::InvalidAvailRingIndex)
+}
+
+/// [`next_chain`] for a device: its errors as [`RingError`]s, and a head whose
+/// descriptor-table entry cannot be read is a ring error too, not a broken chain (the
+/// descriptor table is part of the ring). A head index out of range is left to the
+/// device (it skips the chain).
+pub fn pop_chain<'m, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'m M,
+) -> Result<Option<DescriptorChain<&'m M>>, RingError> {
+    let Some(chain) = next_chain(queue, mem).map_err(RingError::AvailRing)? else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    if head < queue.size() {
+        let size = std::mem::size_of::<Descriptor>();
+        let readable = GuestAddress(queue.desc_table())
+            .checked_add(size as u64 * u64::from(head))
+            .is_some_and(|entry| mem.check_range(entry, size, Permissions::Read));
+        if !readable {
+            return Err(RingError::DescTable(head));
+        }
+    }
+    Ok(Some(chain))
 }
 
 /// Copies `data.len()` bytes of a device config space starting at `offset`; bytes past

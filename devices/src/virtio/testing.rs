@@ -1,15 +1,22 @@
-//! Test support shared by the virtio device tests: guest memory, a hand-built split
-//! ring driver ([`Driver`]), an interrupt counter and a polling helper.
+//! Test support shared by the virtio device tests: guest memory (plain, or behind a
+//! test IOMMU: [`IoMem`]), a hand-built split ring driver ([`Driver`]), an interrupt
+//! counter and a polling helper.
 
 use std::io;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Iotlb, Permissions,
+};
 
+use crate::dma::DmaTracker;
 use crate::virtio::VirtioInterrupt;
 
 /// Guest memory of the tests: 16 MiB from 0.
@@ -211,5 +218,130 @@ pub(crate) fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Guest memory as a device behind an IOMMU sees it: [`Mem`] translated by a
+/// [`TestIommu`] (addresses map to themselves; only the ranges the test maps are
+/// accessible, with the permissions it gives).
+pub(crate) type IoMem = IommuMemory<Mem, TestIommu>;
+
+/// Test memory behind a [`TestIommu`] with nothing mapped; the driver writes the
+/// rings through `get_backend()` (guest-physical = I/O virtual addresses).
+pub(crate) fn iommu_memory() -> IoMem {
+    IommuMemory::new(memory(), TestIommu::default(), true, ())
+}
+
+/// A range to unmap after some more translations that touch it.
+#[derive(Debug)]
+struct Revoke {
+    range: Range<u64>,
+    /// Translations touching `range` that still succeed.
+    left: usize,
+}
+
+/// A tiny IOMMU for tests: identity mappings of chosen ranges. It counts translations,
+/// faults (refused translations) and translations done while the watched
+/// [`DmaTracker`] had no guard in flight (a device breaking the DMA contract).
+#[derive(Debug, Default)]
+pub(crate) struct TestIommu {
+    iotlb: RwLock<Iotlb>,
+    revoke: Mutex<Option<Revoke>>,
+    watched: Mutex<Option<DmaTracker>>,
+    translations: AtomicUsize,
+    faults: AtomicUsize,
+    unguarded: AtomicUsize,
+}
+
+impl TestIommu {
+    /// Maps `[addr, addr + len)` to itself with `perm`.
+    pub fn map(&self, addr: u64, len: u64, perm: Permissions) {
+        let mut iotlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
+        iotlb
+            .set_mapping(GuestAddress(addr), GuestAddress(addr), len as usize, perm)
+            .unwrap();
+    }
+
+    /// Maps all of the test memory read-write.
+    pub fn map_all(&self) {
+        self.map(0, MEM_SIZE, Permissions::ReadWrite);
+    }
+
+    /// Removes any mapping in `[addr, addr + len)`.
+    pub fn unmap(&self, addr: u64, len: u64) {
+        let mut iotlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
+        iotlb.invalidate_mapping(GuestAddress(addr), len as usize);
+    }
+
+    /// Unmaps `[addr, addr + len)` after `left` more translations touching it succeeded
+    /// (as a guest UNMAP racing with a request would).
+    pub fn revoke_after(&self, addr: u64, len: u64, left: usize) {
+        *self.revoke.lock().unwrap_or_else(PoisonError::into_inner) = Some(Revoke {
+            range: addr..addr + len,
+            left,
+        });
+    }
+
+    /// Counts translations made while `tracker` has no guard in flight.
+    pub fn watch(&self, tracker: &DmaTracker) {
+        *self.watched.lock().unwrap_or_else(PoisonError::into_inner) = Some(tracker.clone());
+    }
+
+    pub fn translations(&self) -> usize {
+        self.translations.load(Ordering::SeqCst)
+    }
+
+    pub fn faults(&self) -> usize {
+        self.faults.load(Ordering::SeqCst)
+    }
+
+    /// Translations made while the watched tracker had no guard in flight.
+    pub fn unguarded(&self) -> usize {
+        self.unguarded.load(Ordering::SeqCst)
+    }
+
+    fn apply_revoke(&self, iova: u64, len: usize) {
+        let mut revoke = self.revoke.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(r) = revoke.as_mut() else {
+            return;
+        };
+        let end = iova.saturating_add(len as u64);
+        if iova >= r.range.end || end <= r.range.start {
+            return;
+        }
+        if r.left > 0 {
+            r.left -= 1;
+            return;
+        }
+        let range = r.range.clone();
+        *revoke = None;
+        self.unmap(range.start, range.end - range.start);
+    }
+}
+
+impl Iommu for TestIommu {
+    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
+
+    fn translate(
+        &self,
+        iova: GuestAddress,
+        length: usize,
+        access: Permissions,
+    ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
+        self.translations.fetch_add(1, Ordering::SeqCst);
+        let watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        if watched.as_ref().is_some_and(|t| t.inflight() == 0) {
+            self.unguarded.fetch_add(1, Ordering::SeqCst);
+        }
+        drop(watched);
+        self.apply_revoke(iova.raw_value(), length);
+        let iotlb = self.iotlb.read().unwrap_or_else(PoisonError::into_inner);
+        Iotlb::lookup(iotlb, iova, length, access).map_err(|fails| {
+            self.faults.fetch_add(1, Ordering::SeqCst);
+            IommuError::CannotResolve {
+                iova_range: IovaRange { base: iova, length },
+                reason: format!("{fails:?}"),
+            }
+        })
     }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use ferrio_devices::dma::DmaTracker;
 use ferrio_devices::virtio::features::VIRTIO_F_EVENT_IDX;
 use ferrio_devices::virtio::VirtioInterrupt;
 use ferrio_devices::virtio::{ActivateError, Activation, ActiveQueue, VirtioDevice};
@@ -54,6 +55,8 @@ pub struct VirtioPciDevice<M> {
     common: CommonCfg,
     shared: Arc<SharedState>,
     notify: Vec<EventFd>,
+    /// Handed to the device at activation ([`Activation::dma`]).
+    dma: DmaTracker,
     /// `device.activate` succeeded and no reset happened since.
     active: bool,
 }
@@ -143,8 +146,16 @@ where
             common,
             shared: Arc::new(SharedState::new(max_sizes.len())),
             notify,
+            dma: DmaTracker::untracked(),
             active: false,
         })
+    }
+
+    /// The tracker the device marks its guest-memory accesses in (an IOMMU endpoint's,
+    /// so that UNMAP waits for them); untracked by default.
+    pub fn with_dma_tracker(mut self, dma: DmaTracker) -> Self {
+        self.dma = dma;
+        self
     }
 
     /// The device status byte as the driver reads it.
@@ -279,6 +290,7 @@ where
             mem: self.mem.clone(),
             queues,
             interrupt,
+            dma: self.dma.clone(),
         })?;
         Ok(())
     }

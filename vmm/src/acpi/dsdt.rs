@@ -209,6 +209,7 @@ mod tests {
         AcpiConfig {
             vcpus: 1,
             pci_segments,
+            viot: None,
         }
     }
 

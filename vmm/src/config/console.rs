@@ -1,4 +1,4 @@
-//! `--console` (virtio-console): `BACKEND[,slot=N]` where BACKEND is `stdio`,
+//! `--console` (virtio-console): `BACKEND[,slot=N][,iommu=on]` where BACKEND is `stdio`,
 //! `file=PATH` (output only), `socket=PATH` (ferrio listens on a Unix socket and waits
 //! for one client before booting; both directions) or `none`.
 
@@ -23,6 +23,8 @@ pub struct ConsoleConfig {
     pub backend: ConsoleBackend,
     /// PCI slot (device number on bus 0), or the first free one.
     pub slot: Option<u8>,
+    /// Behind the virtio-iommu (needs `--iommu`).
+    pub iommu: bool,
 }
 
 /// Highest device number on a PCI bus.
@@ -53,20 +55,19 @@ pub fn parse_console(spec: &str) -> Result<Option<ConsoleConfig>, ConfigError> {
             _ => return Err(bad(spec, "expected stdio, file=PATH, socket=PATH or none")),
         },
     };
-    let mut slot = None;
+    let (mut slot, mut iommu) = (None, false);
     for opt in parts {
         match opt.split_once('=') {
-            Some(("slot", n)) => {
-                let n: u8 = n.parse().map_err(|_| bad(spec, "slot must be a number"))?;
-                if n == 0 || n > MAX_PCI_SLOT {
-                    return Err(bad(spec, "slot must be 1..=31 (0 is the host bridge)"));
-                }
-                slot = Some(n);
-            }
+            Some(("slot", n)) => slot = Some(super::disk::parse_slot(spec, n)?),
+            Some(("iommu", v)) => iommu = super::disk::on_off(spec, "iommu", v)?,
             _ => return Err(bad(spec, &format!("unknown option `{opt}`"))),
         }
     }
-    Ok(Some(ConsoleConfig { backend, slot }))
+    Ok(Some(ConsoleConfig {
+        backend,
+        slot,
+        iommu,
+    }))
 }
 
 #[cfg(test)]
@@ -80,14 +81,16 @@ mod tests {
             parse_console("stdio").unwrap(),
             Some(ConsoleConfig {
                 backend: ConsoleBackend::Stdio,
-                slot: None
+                slot: None,
+                iommu: false,
             })
         );
         assert_eq!(
-            parse_console("socket=/tmp/c.sock,slot=5").unwrap(),
+            parse_console("socket=/tmp/c.sock,slot=5,iommu=on").unwrap(),
             Some(ConsoleConfig {
                 backend: ConsoleBackend::Socket("/tmp/c.sock".into()),
-                slot: Some(5)
+                slot: Some(5),
+                iommu: true,
             })
         );
         assert_eq!(
@@ -103,6 +106,7 @@ mod tests {
             "stdio,slot=32",
             "stdio,slot=x",
             "stdio,foo=1",
+            "stdio,iommu=yes",
             "none,slot=3",
         ] {
             assert!(parse_console(bad).is_err(), "{bad:?} accepted");

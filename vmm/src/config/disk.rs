@@ -1,4 +1,4 @@
-//! `--disk path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N][,io_engine=sync|uring]`
+//! `--disk path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N][,io_engine=sync|uring][,iommu=on]`
 //! (virtio-blk over a raw image). Repeatable; disks get PCI slots in the order given, so
 //! a Linux guest names them vda, vdb, ... in that order.
 
@@ -27,16 +27,18 @@ pub struct DiskConfig {
     pub slot: Option<u8>,
     /// How requests are executed (`sync`, the default, or `uring`).
     pub io_engine: IoEngine,
+    /// Behind the virtio-iommu (needs `--iommu`).
+    pub iommu: bool,
 }
 
-fn bad(spec: &str, why: impl Into<String>) -> ConfigError {
+pub(super) fn bad(spec: &str, why: impl Into<String>) -> ConfigError {
     ConfigError::BadDevice {
         spec: spec.to_string(),
         reason: why.into(),
     }
 }
 
-fn on_off(spec: &str, key: &str, v: &str) -> Result<bool, ConfigError> {
+pub(super) fn on_off(spec: &str, key: &str, v: &str) -> Result<bool, ConfigError> {
     match v {
         "on" | "true" => Ok(true),
         "off" | "false" => Ok(false),
@@ -55,6 +57,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         serial: None,
         slot: None,
         io_engine: IoEngine::Sync,
+        iommu: false,
     };
     for opt in spec.split(',') {
         let Some((key, v)) = opt.split_once('=') else {
@@ -94,15 +97,9 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
                 }
                 d.serial = Some(v.to_string());
             }
-            "slot" => {
-                d.slot = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_PCI_SLOT).contains(n))
-                        .ok_or_else(|| bad(spec, "slot must be 1..=31 (0 is the host bridge)"))?,
-                );
-            }
+            "slot" => d.slot = Some(parse_slot(spec, v)?),
             "io_engine" => d.io_engine = v.parse().map_err(|e: String| bad(spec, e))?,
+            "iommu" => d.iommu = on_off(spec, key, v)?,
             _ => return Err(bad(spec, format!("unknown option `{opt}`"))),
         }
     }
@@ -110,6 +107,14 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         return Err(bad(spec, "path=FILE is required"));
     }
     Ok(d)
+}
+
+/// Parses a `slot=N` value: a PCI device number other than the host bridge's.
+pub(super) fn parse_slot(spec: &str, v: &str) -> Result<u8, ConfigError> {
+    v.parse()
+        .ok()
+        .filter(|n| (1..=MAX_PCI_SLOT).contains(n))
+        .ok_or_else(|| bad(spec, "slot must be 1..=31 (0 is the host bridge)"))
 }
 
 /// Checks the image: a regular file (or block device) whose size is a non-zero
@@ -142,7 +147,7 @@ mod tests {
     #[test]
     fn full_and_minimal_specs() {
         let d = parse_disk(
-            "path=/img,readonly=on,direct=on,num_queues=4,queue_size=128,serial=abc-1,slot=7,io_engine=uring",
+            "path=/img,readonly=on,direct=on,num_queues=4,queue_size=128,serial=abc-1,slot=7,io_engine=uring,iommu=on",
         )
         .unwrap();
         assert_eq!(
@@ -156,6 +161,7 @@ mod tests {
                 serial: Some("abc-1".into()),
                 slot: Some(7),
                 io_engine: IoEngine::Uring,
+                iommu: true,
             }
         );
         let d = parse_disk("path=/img").unwrap();

@@ -121,12 +121,14 @@ fn toml_and_json_agree() {
     let toml = format!(
         "kernel = {k:?}\ninitramfs = {i:?}\ncmdline = \"quiet\"\ncpus = 2\n\
          memory = \"1G\"\nserial = \"file=/tmp/s.log\"\ntimeout = 60\n\
-         console = \"socket=/tmp/c.sock,slot=3\"\n"
+         console = \"socket=/tmp/c.sock,slot=3\"\n\
+         net = [\"tap=tap0,num_queue_pairs=2\", \"fd=5,mac=02:00:00:00:00:07\"]\n"
     );
     let json = format!(
         r#"{{"kernel": {k:?}, "initramfs": {i:?}, "cmdline": "quiet", "cpus": 2,
             "memory": 1073741824, "serial": "file=/tmp/s.log", "timeout": 60,
-            "console": "socket=/tmp/c.sock,slot=3"}}"#
+            "console": "socket=/tmp/c.sock,slot=3",
+            "net": ["tap=tap0,num_queue_pairs=2", "fd=5,mac=02:00:00:00:00:07"]}}"#
     );
     std::fs::write(dir.path().join("vm.toml"), toml).expect("write");
     std::fs::write(dir.path().join("vm.JSON"), json).expect("write");
@@ -154,8 +156,28 @@ fn toml_and_json_agree() {
             console: Some(ConsoleConfig {
                 backend: ConsoleBackend::Socket("/tmp/c.sock".into()),
                 slot: Some(3),
+                iommu: false,
             }),
             disks: vec![],
+            iommu: false,
+            nets: vec![
+                NetConfig {
+                    backend: NetBackendConfig::Tap("tap0".into()),
+                    mac: MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                    num_queue_pairs: 2,
+                    queue_size: 256,
+                    slot: None,
+                    iommu: false,
+                },
+                NetConfig {
+                    backend: NetBackendConfig::Fd(5),
+                    mac: MacAddr([2, 0, 0, 0, 0, 7]),
+                    num_queue_pairs: 1,
+                    queue_size: 256,
+                    slot: None,
+                    iommu: false,
+                },
+            ],
         }
     );
 }
@@ -419,4 +441,34 @@ fn human_sizes() {
     assert_eq!(human(64 << 20), "64 MiB");
     assert_eq!(human(3 << 40), "3 TiB");
     assert_eq!(human(24_731_708 * 1024), "23.6 GiB");
+}
+
+#[test]
+fn iommu_on_needs_an_iommu() {
+    let dir = files();
+    for layer in [
+        FileConfig {
+            disk: Some(vec!["path=/dev/null,iommu=on".into()]),
+            ..Default::default()
+        },
+        FileConfig {
+            net: Some(vec!["tap=tap0,iommu=on".into()]),
+            ..Default::default()
+        },
+        FileConfig {
+            console: Some("file=/tmp/c,iommu=on".into()),
+            ..Default::default()
+        },
+    ] {
+        assert!(matches!(err_with(&dir, layer), ConfigError::NoIommu));
+    }
+    let cfg = builder(&dir)
+        .apply(FileConfig {
+            net: Some(vec!["tap=tap0,iommu=on".into()]),
+            iommu: Some(true),
+            ..Default::default()
+        })
+        .validate(&HOST)
+        .unwrap();
+    assert!(cfg.iommu && cfg.nets[0].iommu);
 }

@@ -7,6 +7,8 @@
 mod bars;
 pub mod console;
 pub mod disk;
+pub mod net;
+pub mod placement;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,8 @@ use ferrio_pci::virtio_pci::VirtioPciDevice;
 use ferrio_pci::{BarKind, BarMapping, MsiVectors};
 use kvm_ioctls::VmFd;
 use vm_allocator::{AddressAllocator, AllocPolicy};
-use vm_memory::GuestMemoryMmap;
+use ferrio_devices::dma::DmaTracker;
+use vm_memory::GuestMemory;
 
 use crate::error::Error;
 use crate::interrupts::{GsiRouting, KvmMsiVectors};
@@ -69,34 +72,33 @@ impl PciBuilder {
     }
 
     /// Adds a virtio device behind a virtio-pci transport on segment 0 at `slot` (or
-    /// the first free one) and returns its address.
-    pub fn add_virtio(
+    /// the first free one) and returns its address. `mem` is guest memory as the device
+    /// sees it; `iommu` (the endpoint's DMA tracker) places it behind the virtio-iommu:
+    /// VIRTIO_F_ACCESS_PLATFORM is offered and UNMAPs wait for its accesses.
+    pub fn add_virtio<M>(
         &mut self,
-        device: Box<dyn VirtioDevice<GuestMemoryMmap>>,
-        mem: GuestMemoryMmap,
+        device: Box<dyn VirtioDevice<M>>,
+        mem: M,
         slot: Option<u8>,
-    ) -> Result<PciAddress, Error> {
-        self.add_virtio_on(0, device, mem, slot)
-    }
-
-    /// [`Self::add_virtio`] on `segment`.
-    pub fn add_virtio_on(
-        &mut self,
-        segment: u16,
-        device: Box<dyn VirtioDevice<GuestMemoryMmap>>,
-        mem: GuestMemoryMmap,
-        slot: Option<u8>,
-    ) -> Result<PciAddress, Error> {
-        let index = self
-            .segments
-            .iter()
-            .position(|s| s.layout.id == segment)
-            .ok_or_else(|| Error::Pci(format!("no PCI segment {segment}")))?;
+        iommu: Option<DmaTracker>,
+    ) -> Result<PciAddress, Error>
+    where
+        M: GuestMemory + Clone + Send + Sync + 'static,
+    {
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1).map_err(pci_err)?;
         let msi: Arc<dyn MsiVectors> =
             Arc::new(KvmMsiVectors::new(self.routing.clone(), vectors).map_err(pci_err)?);
-        let dev = VirtioPciDevice::new(device, mem, msi, false).map_err(pci_err)?;
-        self.segments[index].add(Arc::new(Mutex::new(dev)), slot)
+        let mut dev =
+            VirtioPciDevice::new(device, mem, msi, iommu.is_some()).map_err(pci_err)?;
+        if let Some(dma) = iommu {
+            dev = dev.with_dma_tracker(dma);
+        }
+        self.segments[0].add(Arc::new(Mutex::new(dev)), slot)
+    }
+
+    /// The address [`Self::add_virtio`] will give a device for `slot` (segment 0).
+    pub fn next_address(&self, slot: Option<u8>) -> Result<PciAddress, Error> {
+        self.segments[0].root.next_address(slot).map_err(pci_err)
     }
 
     /// Connects config space to the buses. BARs get mapped when the guest enables

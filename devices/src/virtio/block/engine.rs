@@ -16,6 +16,7 @@ use vm_memory::GuestMemory;
 
 use super::queue::{self, QueueError, QueueStats};
 use super::request::Disk;
+use crate::dma::DmaTracker;
 
 /// Which engine executes a disk's requests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +41,9 @@ impl FromStr for IoEngine {
     }
 }
 
-/// One queue's engine, driven by its worker thread.
+/// One queue's engine, driven by its worker thread. An engine holds a guard of the
+/// device's DMA tracker while it touches guest memory for a request (an asynchronous
+/// one keeps it with the request until its completion) and none while it waits.
 pub(super) trait QueueEngine<M: GuestMemory> {
     /// Pops up to `budget` available chains and executes or submits them.
     fn serve(
@@ -76,7 +79,10 @@ pub(super) trait QueueEngine<M: GuestMemory> {
 }
 
 /// The synchronous engine.
-pub(super) struct SyncEngine;
+pub(super) struct SyncEngine {
+    /// The device's DMA fence: a guard per request.
+    pub dma: DmaTracker,
+}
 
 impl<M: GuestMemory> QueueEngine<M> for SyncEngine {
     fn serve(
@@ -86,6 +92,6 @@ impl<M: GuestMemory> QueueEngine<M> for SyncEngine {
         disk: &Disk,
         budget: usize,
     ) -> Result<QueueStats, QueueError> {
-        queue::process_queue(queue, mem, disk, budget)
+        queue::process_queue(queue, mem, disk, &self.dma, budget)
     }
 }

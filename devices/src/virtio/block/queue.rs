@@ -8,11 +8,18 @@
 //! interrupt decision is taken once per batch by [`QueueT::needs_notification`]
 //! (EVENT_IDX aware). A batch stops after a budget of chains so that the worker can
 //! look at its stop signal in between.
+//!
+//! DMA fences: every request holds a guard of the device's [`DmaTracker`] from the
+//! pop of its chain to its used element (an IOMMU UNMAP waits for it, never for the
+//! rest of the batch), put down while the backend syncs or discards without touching
+//! guest memory.
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemory;
 
 use super::request::{self, Completion, Disk};
+use crate::dma::DmaTracker;
+use crate::virtio::dma_hold::DmaHold;
 use crate::virtio::ring::RingError;
 
 /// A ring error the device cannot recover from: it must report DEVICE_NEEDS_RESET.
@@ -41,23 +48,29 @@ pub struct QueueStats {
     pub notify: bool,
 }
 
-/// Serves up to `budget` available requests of `queue` against `disk`.
+/// Serves up to `budget` available requests of `queue` against `disk`. Each request,
+/// from popping its chain to its used element, runs under its own guard of `dma`
+/// (put down while the backend works without guest memory).
 pub fn process_queue<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     disk: &Disk,
+    dma: &DmaTracker,
     budget: usize,
 ) -> Result<QueueStats, QueueError> {
     let mut stats = QueueStats::default();
     let mut seen = 0usize;
+    let mut hold = DmaHold::new(dma);
     'batch: loop {
         queue
             .disable_notification(mem)
             .map_err(RingError::Notification)?;
         while let Some(chain) = next_chain(queue, mem)? {
             let head = chain.head_index();
-            let done = request::process(chain, mem, disk);
+            let done = request::process(chain, mem, disk, &mut hold);
             return_chain(queue, mem, head, done, &mut stats)?;
+            // This request is complete: an UNMAP waiting for it may go on.
+            hold.renew();
             seen += 1;
             if seen >= budget {
                 stats.more = true;
@@ -105,5 +118,5 @@ pub(super) fn next_chain<'m, M: GuestMemory>(
     queue: &mut Queue,
     mem: &'m M,
 ) -> Result<Option<DescriptorChain<&'m M>>, QueueError> {
-    crate::virtio::ring::next_chain(queue, mem).map_err(|e| RingError::AvailRing(e).into())
+    Ok(crate::virtio::ring::pop_chain(queue, mem)?)
 }

@@ -24,6 +24,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use super::backend::BlockBackend;
 use super::exec;
 use super::io::Buffers;
+use crate::virtio::dma_hold::DmaHold;
 
 /// Sector size of the request protocol, in bytes.
 pub const SECTOR_SIZE: u64 = 512;
@@ -173,14 +174,21 @@ struct Streams {
 }
 
 /// Parses and executes one chain against `disk` synchronously, writes its status byte
-/// and returns the used length. Never panics on guest data.
-pub fn process<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M, disk: &Disk) -> Completion {
+/// and returns the used length. Never panics on guest data. `hold` is held on entry
+/// and on return; it is put down while the backend works without guest memory (a
+/// flush, say).
+pub fn process<M: GuestMemory>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
+    disk: &Disk,
+    hold: &mut DmaHold<'_>,
+) -> Completion {
     let head = chain.head_index();
     let Some(parsed) = parse(chain, mem, disk) else {
         return Completion::UNANSWERED;
     };
     let outcome = match parsed.request {
-        Ok(request) => exec::execute(request, mem, disk),
+        Ok(request) => exec::execute(request, mem, disk, hold),
         Err(refused) => (Err(refused), 0),
     };
     finish(mem, head, parsed.status, outcome)

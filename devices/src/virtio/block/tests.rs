@@ -4,6 +4,8 @@
 mod backend;
 mod device;
 mod discard;
+mod dma;
+mod iommu;
 mod request;
 mod uring;
 mod worker;

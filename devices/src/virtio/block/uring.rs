@@ -13,6 +13,12 @@
 //!
 //! Buffers: the iovecs point straight into guest memory ([`GuestIovecs`]); they and
 //! their pointer guards belong to the in-flight request until its last CQE.
+//!
+//! DMA fences: a read or write keeps the guard of the device's DMA tracker it took
+//! when its chain was popped (its buffers were translated under it) until its used
+//! element is written, so an IOMMU UNMAP waits for the kernel to be done with the
+//! buffers. A flush in flight holds none (it touches no guest memory until its status
+//! byte, written under a new guard). The worker holds none while it waits for CQEs.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io;
@@ -28,11 +34,15 @@ use super::engine::QueueEngine;
 use super::exec;
 use super::io::{self as guest_io, GuestIovecs};
 use super::queue::{next_chain, return_chain, QueueError, QueueStats};
-use super::request::{self, ioerr, Completion, Disk, Outcome, Request, Transfer};
+use super::request::{self, ioerr, Completion, Disk, Request, Transfer};
+use crate::dma::{DmaGuard, DmaTracker};
+use crate::virtio::dma_hold::DmaHold;
 use crate::virtio::ring::RingError;
 
+mod pending;
 mod setup;
 
+use self::pending::{advance, Pending};
 pub(super) use self::setup::UringRing;
 pub use self::setup::{probe, UringError};
 
@@ -45,24 +55,14 @@ struct InFlight {
     head: u16,
     status: GuestAddress,
     op: Op,
+    /// The request's DMA guard (reads and writes only), dropped once its used element
+    /// is written.
+    dma: Option<DmaGuard>,
 }
 
 enum Op {
     Io(Pending),
     Flush,
-}
-
-/// A read or write, possibly submitted in several pieces.
-struct Pending {
-    write: bool,
-    /// Order among the writes and flushes of the queue.
-    seq: u64,
-    t: Transfer,
-    bufs: GuestIovecs,
-    /// First iovec not completely transferred yet (the one at `first` is advanced
-    /// past what was transferred of it).
-    first: usize,
-    done: u64,
 }
 
 /// The engine of one queue. Lives on its worker thread (the pointer guards are not
@@ -82,13 +82,15 @@ pub(super) struct UringEngine {
     held_flushes: VecDeque<(usize, u64)>,
     /// Completions made up by the engine (an SQE that could not be queued).
     synthetic: Vec<(u64, i32)>,
+    /// The device's DMA fence.
+    dma: DmaTracker,
     /// Tests: process each batch of CQEs in reverse order.
     #[cfg(test)]
     pub reverse_completions: bool,
 }
 
 impl UringEngine {
-    pub fn new(ring: UringRing) -> Self {
+    pub fn new(ring: UringRing, dma: DmaTracker) -> Self {
         let UringRing {
             ring,
             eventfd,
@@ -106,6 +108,7 @@ impl UringEngine {
             writes: BTreeSet::new(),
             held_flushes: VecDeque::new(),
             synthetic: Vec::new(),
+            dma,
             #[cfg(test)]
             reverse_completions: false,
         }
@@ -128,12 +131,14 @@ impl UringEngine {
         self.next_seq
     }
 
-    /// Parses `chain` and submits its I/O, or completes it at once (`Some`).
+    /// Parses `chain` and submits its I/O, or completes it at once (`Some`). A read or
+    /// write in flight takes the guard of `hold` with it.
     fn start<M: GuestMemory>(
         &mut self,
         chain: DescriptorChain<&M>,
         mem: &M,
         disk: &Disk,
+        hold: &mut DmaHold<'_>,
     ) -> Option<Completion> {
         let head = chain.head_index();
         let Some(parsed) = request::parse(chain, mem, disk) else {
@@ -142,14 +147,15 @@ impl UringEngine {
         let status = parsed.status;
         let outcome = match parsed.request {
             Err(refused) => (Err(refused), 0),
-            Ok(Request::In(t)) => return self.start_io(head, status, t, false, mem),
-            Ok(Request::Out(t)) => return self.start_io(head, status, t, true, mem),
+            Ok(Request::In(t)) => return self.start_io(head, status, t, false, mem, hold),
+            Ok(Request::Out(t)) => return self.start_io(head, status, t, true, mem, hold),
             Ok(Request::Flush) => {
                 let seq = self.seq();
                 let flush = InFlight {
                     head,
                     status,
                     op: Op::Flush,
+                    dma: None,
                 };
                 let Some(slot) = self.alloc(flush) else {
                     return Some(busy(mem, head, status));
@@ -158,7 +164,7 @@ impl UringEngine {
                 self.release_flushes();
                 return None;
             }
-            Ok(other) => exec::execute(other, mem, disk),
+            Ok(other) => exec::execute(other, mem, disk, hold),
         };
         Some(request::finish(mem, head, status, outcome))
     }
@@ -170,6 +176,7 @@ impl UringEngine {
         t: Transfer,
         write: bool,
         mem: &M,
+        hold: &mut DmaHold<'_>,
     ) -> Option<Completion> {
         let bufs = match GuestIovecs::new(mem, &t.parts, !write) {
             Ok(bufs) => bufs,
@@ -189,9 +196,17 @@ impl UringEngine {
             done: 0,
         };
         let op = Op::Io(io);
-        let Some(slot) = self.alloc(InFlight { head, status, op }) else {
+        let Some(slot) = self.alloc(InFlight {
+            head,
+            status,
+            op,
+            dma: None,
+        }) else {
             return Some(busy(mem, head, status));
         };
+        if let Some(entry) = &mut self.slots[slot] {
+            entry.dma = hold.take();
+        }
         if write {
             self.writes.insert(seq);
         }
@@ -268,19 +283,27 @@ impl UringEngine {
         }
     }
 
-    /// Handles the CQE `res` of `slot`; returns the chain to complete, if done.
+    /// Handles the CQE `res` of `slot`; returns the chain to complete, if done, with
+    /// the request's DMA guard (to drop once the used element is written). `hold` is
+    /// put down while a write-through sync runs.
     fn complete<M: GuestMemory>(
         &mut self,
         slot: usize,
         res: i32,
         mem: &M,
         disk: &Disk,
-    ) -> Option<(u16, Completion)> {
+        hold: &mut DmaHold<'_>,
+    ) -> Option<(u16, Completion, Option<DmaGuard>)> {
         let Some(entry) = self.slots.get_mut(slot).and_then(Option::take) else {
             tracing::error!("virtio-blk: io_uring completion for unknown slot {slot}");
             return None;
         };
-        let InFlight { head, status, op } = entry;
+        let InFlight {
+            head,
+            status,
+            op,
+            mut dma,
+        } = entry;
         let outcome = match op {
             Op::Flush if res < 0 => {
                 let e = io::Error::from_raw_os_error(-res);
@@ -291,7 +314,12 @@ impl UringEngine {
             Op::Io(mut io) => match advance(&mut io, res) {
                 None => {
                     let op = Op::Io(io);
-                    self.slots[slot] = Some(InFlight { head, status, op });
+                    self.slots[slot] = Some(InFlight {
+                        head,
+                        status,
+                        op,
+                        dma,
+                    });
                     self.push_io(slot);
                     return None;
                 }
@@ -302,14 +330,18 @@ impl UringEngine {
                         guest_io::mark_dirty(mem, &io.t.parts);
                     }
                     match outcome {
-                        (Ok(_), _) if io.write => (exec::write_through(disk), 0),
+                        (Ok(_), _) if io.write => {
+                            // The data is in the image: the sync needs no guest memory.
+                            dma = None;
+                            (hold.paused(|| exec::write_through(disk)), 0)
+                        }
                         other => other,
                     }
                 }
             },
         };
         self.release(slot);
-        Some((head, request::finish(mem, head, status, outcome)))
+        Some((head, request::finish(mem, head, status, outcome), dma))
     }
 }
 
@@ -318,51 +350,6 @@ impl UringEngine {
 fn busy<M: GuestMemory>(mem: &M, head: u16, status: GuestAddress) -> Completion {
     tracing::error!("virtio-blk: chain {head}: no io_uring slot free");
     request::finish(mem, head, status, (Err(ioerr("too many requests")), 0))
-}
-
-/// Accounts for a READV/WRITEV result; `None` when the rest must be resubmitted.
-fn advance(io: &mut Pending, res: i32) -> Option<Outcome> {
-    let (len, sector) = (io.t.len, io.t.sector);
-    let what = if io.write { "write" } else { "read" };
-    if res < 0 {
-        if res == -libc::EINTR || res == -libc::EAGAIN {
-            return None;
-        }
-        let e = io::Error::from_raw_os_error(-res);
-        tracing::warn!("virtio-blk: {what} of {len} bytes at sector {sector} failed: {e}");
-        let why = if io.write {
-            "write failed"
-        } else {
-            "read failed"
-        };
-        return Some((Err(ioerr(why)), 0));
-    }
-    // Non-negative, and at most what was asked.
-    let mut n = res as usize;
-    if n == 0 {
-        if io.write {
-            return Some((Err(ioerr("short write")), 0));
-        }
-        tracing::warn!("virtio-blk: short read at sector {sector} (image shrunk?)");
-        return Some((Err(ioerr("short read")), io.done));
-    }
-    io.done += n as u64;
-    let iovs = &mut io.bufs.iovs;
-    while n > 0 && io.first < iovs.len() {
-        let iov = &mut iovs[io.first];
-        if n >= iov.iov_len {
-            n -= iov.iov_len;
-            io.first += 1;
-        } else {
-            iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(n).cast();
-            iov.iov_len -= n;
-            n = 0;
-        }
-    }
-    if io.done < len {
-        return None;
-    }
-    Some((Ok(VIRTIO_BLK_S_OK), if io.write { 0 } else { len }))
 }
 
 impl<M: GuestMemory> QueueEngine<M> for UringEngine {
@@ -375,6 +362,9 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
     ) -> Result<QueueStats, QueueError> {
         let mut stats = QueueStats::default();
         let mut seen = 0usize;
+        // A handle of our own: the hold borrows it while `self` changes.
+        let dma = self.dma.clone();
+        let mut hold = DmaHold::new(&dma);
         'batch: loop {
             queue
                 .disable_notification(mem)
@@ -389,9 +379,12 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
                     break;
                 };
                 let head = chain.head_index();
-                if let Some(done) = self.start(chain, mem, disk) {
+                if let Some(done) = self.start(chain, mem, disk, &mut hold) {
                     return_chain(queue, mem, head, done, &mut stats)?;
                 }
+                // This request completed or took its guard along: the next one gets
+                // its own.
+                hold.renew();
                 seen += 1;
                 if seen >= budget {
                     stats.more = true;
@@ -405,11 +398,12 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
                 break;
             }
         }
-        self.submit(0)?;
         stats.notify = stats.completed > 0
             && queue
                 .needs_notification(mem)
                 .map_err(RingError::Notification)?;
+        drop(hold);
+        self.submit(0)?;
         Ok(stats)
     }
 
@@ -443,14 +437,25 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
         }
         let mut stats = QueueStats::default();
         let mut failure = submitted.err();
+        // Only now, after the wait: status bytes and used elements.
+        let dma = self.dma.clone();
+        let mut hold = DmaHold::new(&dma);
         for (slot, res) in cqes {
             // User data is always a slot index.
-            if let Some((head, done)) = self.complete(slot as usize, res, mem, disk) {
+            let completed = self.complete(slot as usize, res, mem, disk, &mut hold);
+            if let Some((head, done, guard)) = completed {
                 if let Err(e) = return_chain(queue, mem, head, done, &mut stats) {
                     failure.get_or_insert(e);
                 }
+                drop(guard);
             }
         }
+        let notify = if failure.is_none() && stats.completed > 0 {
+            queue.needs_notification(mem)
+        } else {
+            Ok(false)
+        };
+        drop(hold);
         self.release_flushes();
         if let Err(e) = self.submit(0) {
             failure.get_or_insert(e);
@@ -458,10 +463,7 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
         if let Some(e) = failure {
             return Err(e);
         }
-        stats.notify = stats.completed > 0
-            && queue
-                .needs_notification(mem)
-                .map_err(RingError::Notification)?;
+        stats.notify = notify.map_err(RingError::Notification)?;
         Ok(stats)
     }
 

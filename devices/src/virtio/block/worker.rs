@@ -1,6 +1,7 @@
 //! One virtio-blk worker thread per queue: waits on the queue's notify eventfd, a kill
 //! eventfd and, with the io_uring engine, the ring's completion eventfd, and drives its
-//! [`QueueEngine`].
+//! [`QueueEngine`]. The engine takes the device's DMA guards itself; the worker holds
+//! none while it polls.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -15,6 +16,7 @@ use super::engine::{QueueEngine, SyncEngine};
 use super::queue::{QueueError, QueueStats};
 use super::request::Disk;
 use super::uring::{UringEngine, UringRing};
+use crate::dma::DmaTracker;
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 
 /// Everything one worker needs, moved into its thread.
@@ -24,6 +26,8 @@ pub(super) struct WorkerCtx<M> {
     pub disk: Arc<Disk>,
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub engine: EngineSetup,
+    /// The device's DMA fence, handed to the engine.
+    pub dma: DmaTracker,
 }
 
 /// The engine a worker builds on its thread.
@@ -50,9 +54,10 @@ impl Worker {
             .spawn(move || {
                 let mut ctx = ctx;
                 let setup = std::mem::replace(&mut ctx.engine, EngineSetup::Sync);
+                let dma = ctx.dma.clone();
                 let engine: Box<dyn QueueEngine<M>> = match setup {
-                    EngineSetup::Sync => Box::new(SyncEngine),
-                    EngineSetup::Uring(ring) => Box::new(UringEngine::new(*ring)),
+                    EngineSetup::Sync => Box::new(SyncEngine { dma }),
+                    EngineSetup::Uring(ring) => Box::new(UringEngine::new(*ring, dma)),
                 };
                 WorkerLoop {
                     engine,

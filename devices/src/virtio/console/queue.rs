@@ -12,6 +12,12 @@
 //! published more buffers meanwhile, so no kick is lost. Whether the driver must be
 //! interrupted is decided once per batch by [`QueueT::needs_notification`] (the
 //! `used_event` comparison when VIRTIO_F_EVENT_IDX is negotiated).
+//!
+//! DMA fences: guest memory (rings and buffers) is touched only under a guard of the
+//! device's [`DmaTracker`], renewed after each chain so that an IOMMU UNMAP waits for
+//! at most one chain; the transmit side puts it down while the sink writes (a socket
+//! or a terminal may block), which needs no guest memory: each chunk is copied out
+//! first.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -19,6 +25,9 @@ use std::io::Write;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::dma::DmaTracker;
+use crate::virtio::dma_hold::DmaHold;
 
 /// Largest piece copied from guest memory to the sink at once.
 const COPY_CHUNK: usize = 4096;
@@ -97,16 +106,19 @@ pub struct RxStats {
 
 /// Drains the transmitq: writes every device-readable buffer of each available chain,
 /// in order, to `sink` (`write_all`, one flush per batch) and returns the chain with
-/// used length 0. Refused chains write nothing.
+/// used length 0. Refused chains write nothing (a chain whose memory fails while it is
+/// copied, behind an IOMMU, is cut short there and refused).
 pub fn process_tx<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     sink: &mut dyn Write,
+    dma: &DmaTracker,
 ) -> Result<TxStats, QueueError> {
     let mut stats = TxStats::default();
     let mut descs = Vec::new();
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut sink_failed = false;
+    let mut hold = DmaHold::new(dma);
     loop {
         queue
             .disable_notification(mem)
@@ -114,9 +126,13 @@ pub fn process_tx<M: GuestMemory>(
         while let Some(chain) = next_chain(queue, mem)? {
             let head = chain.head_index();
             let checked = collect_chain(chain, mem, false, &mut descs);
-            let result = checked.and_then(|()| {
-                copy_to_sink(mem, &descs, sink, &mut buf, &mut stats, &mut sink_failed)
-            });
+            let mut out = TxOut {
+                sink: &mut *sink,
+                buf: &mut buf,
+                stats: &mut stats,
+                sink_failed: &mut sink_failed,
+            };
+            let result = checked.and_then(|()| copy_to_sink(mem, &descs, &mut out, &mut hold));
             if let Err(e) = result {
                 tracing::debug!("virtio-console: transmitq chain {head} refused: {e}");
                 stats.invalid += 1;
@@ -124,6 +140,7 @@ pub fn process_tx<M: GuestMemory>(
             if complete(queue, mem, head, 0)? {
                 stats.chains += 1;
             }
+            hold.renew();
         }
         if !queue
             .enable_notification(mem)
@@ -132,28 +149,32 @@ pub fn process_tx<M: GuestMemory>(
             break;
         }
     }
+    stats.notify = stats.chains > 0 && notify(queue, mem)?;
+    drop(hold);
     if stats.bytes > 0 && !sink_failed {
         if let Err(e) = sink.flush() {
             tracing::warn!("virtio-console: cannot flush the output: {e}");
         }
     }
-    stats.notify = stats.chains > 0 && notify(queue, mem)?;
     Ok(stats)
 }
 
 /// Copies pending host `input` into the device-writable buffers of the receiveq, chain
 /// after chain (used length = bytes written), until the input is empty or there are no
-/// buffers left. Bytes that do not fit stay at the front of `input`.
+/// buffers left. Bytes that do not fit stay at the front of `input`; so do the bytes of
+/// a chain whose memory fails during the copy (it is returned with length 0).
 pub fn fill_rx<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     input: &mut VecDeque<u8>,
+    dma: &DmaTracker,
 ) -> Result<RxStats, QueueError> {
     let mut stats = RxStats::default();
     if input.is_empty() {
         return Ok(stats);
     }
     let mut descs = Vec::new();
+    let mut hold = DmaHold::new(dma);
     loop {
         queue
             .disable_notification(mem)
@@ -163,15 +184,10 @@ pub fn fill_rx<M: GuestMemory>(
                 break;
             };
             let head = chain.head_index();
-            let written = match collect_chain(chain, mem, true, &mut descs) {
-                Ok(()) => {
-                    let (written, result) = copy_from_input(mem, &descs, input);
-                    if let Err(e) = result {
-                        tracing::debug!("virtio-console: receiveq chain {head}: {e}");
-                        stats.invalid += 1;
-                    }
-                    written
-                }
+            let copied = collect_chain(chain, mem, true, &mut descs)
+                .and_then(|()| copy_from_input(mem, &descs, input));
+            let written = match copied {
+                Ok(written) => written,
                 Err(e) => {
                     tracing::debug!("virtio-console: receiveq chain {head} refused: {e}");
                     stats.invalid += 1;
@@ -184,6 +200,7 @@ pub fn fill_rx<M: GuestMemory>(
             if complete(queue, mem, head, len)? {
                 stats.chains += 1;
             }
+            hold.renew();
         }
         // Re-enable kicks (the driver must tell us about new buffers while input
         // waits); go on if buffers arrived meanwhile and input is left.
@@ -203,7 +220,7 @@ fn next_chain<'m, M: GuestMemory>(
     queue: &mut Queue,
     mem: &'m M,
 ) -> Result<Option<DescriptorChain<&'m M>>, QueueError> {
-    crate::virtio::ring::next_chain(queue, mem).map_err(QueueError::AvailRing)
+    crate::virtio::ring::pop_chain(queue, mem)
 }
 
 /// Walks `chain` into `out` and checks every descriptor: direction (`writable` for the
@@ -249,69 +266,83 @@ fn collect_chain<M: GuestMemory>(
     Ok(())
 }
 
-/// Copies the (checked) buffers of one transmit chain to the sink. A sink error is
-/// counted as lost bytes (the caller reports it), not as a guest error.
+/// Where the transmitted bytes go, and what is counted on the way.
+struct TxOut<'a> {
+    sink: &'a mut dyn Write,
+    /// The copy buffer ([`COPY_CHUNK`] bytes).
+    buf: &'a mut [u8],
+    stats: &'a mut TxStats,
+    /// A sink error was logged in this batch.
+    sink_failed: &'a mut bool,
+}
+
+/// Copies the (checked) buffers of one transmit chain to the sink, chunk by chunk; the
+/// DMA guard is put down while the sink writes. A sink error is counted as lost bytes
+/// (the caller reports it), not as a guest error. `hold` is held on return.
 fn copy_to_sink<M: GuestMemory>(
     mem: &M,
     descs: &[Descriptor],
-    sink: &mut dyn Write,
-    buf: &mut [u8],
-    stats: &mut TxStats,
-    sink_failed: &mut bool,
+    out: &mut TxOut<'_>,
+    hold: &mut DmaHold<'_>,
 ) -> Result<(), ChainError> {
     for (index, desc) in descs.iter().enumerate() {
         let len = desc.len() as usize;
         let mut done = 0;
         while done < len {
-            let n = buf.len().min(len - done);
+            let n = out.buf.len().min(len - done);
             let addr = offset(desc.addr(), done).ok_or(ChainError::Memory { index })?;
-            mem.read_slice(&mut buf[..n], addr)
+            hold.resume();
+            mem.read_slice(&mut out.buf[..n], addr)
                 .map_err(|_| ChainError::Memory { index })?;
-            match sink.write_all(&buf[..n]) {
-                Ok(()) => stats.bytes += n,
+            hold.pause();
+            match out.sink.write_all(&out.buf[..n]) {
+                Ok(()) => out.stats.bytes += n,
                 Err(e) => {
-                    if !*sink_failed {
+                    if !*out.sink_failed {
                         tracing::debug!("virtio-console: output lost: {e}");
-                        *sink_failed = true;
+                        *out.sink_failed = true;
                     }
-                    stats.lost += n;
+                    out.stats.lost += n;
                 }
             }
             done += n;
         }
     }
+    hold.resume();
     Ok(())
 }
 
-/// Copies input into the (checked) buffers of one receive chain; returns the bytes
-/// written, and an error if guest memory failed (the unwritten input stays queued).
+/// Copies input into the (checked) buffers of one receive chain and removes what it
+/// copied from `input`; returns the bytes written. When guest memory fails midway
+/// nothing is removed (the chain is refused and the input goes to the next one).
 fn copy_from_input<M: GuestMemory>(
     mem: &M,
     descs: &[Descriptor],
     input: &mut VecDeque<u8>,
-) -> (usize, Result<(), ChainError>) {
+) -> Result<usize, ChainError> {
     let mut written = 0;
     for (index, desc) in descs.iter().enumerate() {
         let len = desc.len() as usize;
         let mut done = 0;
-        while done < len && !input.is_empty() {
-            let (front, _) = input.as_slices();
-            let n = front.len().min(len - done);
-            let Some(addr) = offset(desc.addr(), done) else {
-                return (written, Err(ChainError::Memory { index }));
+        while done < len && written < input.len() {
+            let (front, back) = input.as_slices();
+            let rest = match front.get(written..) {
+                Some(rest) if !rest.is_empty() => rest,
+                _ => &back[written - front.len()..],
             };
-            if mem.write_slice(&front[..n], addr).is_err() {
-                return (written, Err(ChainError::Memory { index }));
-            }
-            input.drain(..n);
+            let n = rest.len().min(len - done);
+            let addr = offset(desc.addr(), done).ok_or(ChainError::Memory { index })?;
+            mem.write_slice(&rest[..n], addr)
+                .map_err(|_| ChainError::Memory { index })?;
             done += n;
             written += n;
         }
-        if input.is_empty() {
+        if written == input.len() {
             break;
         }
     }
-    (written, Ok(()))
+    input.drain(..written);
+    Ok(written)
 }
 
 fn offset(addr: GuestAddress, by: usize) -> Option<GuestAddress> {

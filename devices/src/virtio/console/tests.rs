@@ -1,6 +1,7 @@
 //! Tests of virtio-console: helpers shared by the queue, device and worker tests.
 
 mod device;
+mod iommu;
 mod queue;
 mod worker;
 

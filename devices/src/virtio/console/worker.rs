@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue::{self, QueueError};
 use super::{InputSource, SharedSink, MAX_PENDING_INPUT, RX_QUEUE, TX_QUEUE};
+use crate::dma::DmaTracker;
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 
 /// Largest single read from the input.
@@ -35,6 +36,8 @@ pub(super) struct WorkerCtx<M> {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub sink: SharedSink,
     pub input: HostInput,
+    /// The device's DMA fence (guards are taken by the queue functions).
+    pub dma: DmaTracker,
 }
 
 /// A running worker thread.
@@ -149,7 +152,12 @@ impl<M: GuestMemory> WorkerLoop<M> {
         }
         let result = {
             let mut sink = self.ctx.sink.lock().unwrap_or_else(PoisonError::into_inner);
-            queue::process_tx(&mut self.ctx.tx.queue, &self.ctx.mem, &mut **sink)
+            queue::process_tx(
+                &mut self.ctx.tx.queue,
+                &self.ctx.mem,
+                &mut **sink,
+                &self.ctx.dma,
+            )
         };
         match result {
             Ok(stats) => {
@@ -183,6 +191,7 @@ impl<M: GuestMemory> WorkerLoop<M> {
             &mut self.ctx.rx.queue,
             &self.ctx.mem,
             &mut self.ctx.input.pending,
+            &self.ctx.dma,
         );
         match result {
             Ok(stats) => {

@@ -33,7 +33,7 @@ use host::{first_line, host_fio, shell_line, write_image};
 use stats::{ratios, Series};
 
 const USAGE: &str = "usage: blk-bench [--runs N] [--runtime S] [--ramp S] [--size SIZE] \
-    [--cpus N] [--memory SIZE] [--image FILE] [--out FILE] [--no-host]";
+    [--cpus N] [--memory SIZE] [--image FILE] [--out FILE] [--no-host] [--iommu]";
 
 struct Args {
     runs: usize,
@@ -45,6 +45,8 @@ struct Args {
     image: PathBuf,
     out: PathBuf,
     host: bool,
+    /// Also run ferrio with the disk behind its virtio-iommu (`iommu.strict=1`).
+    iommu: bool,
 }
 
 /// "1G", "512M", "4096K" or plain bytes.
@@ -70,6 +72,7 @@ fn parse_args() -> Result<Args, String> {
         image: bench.join("blk.img"),
         out: bench.join("blk.json"),
         host: true,
+        iommu: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -84,6 +87,7 @@ fn parse_args() -> Result<Args, String> {
             "--image" => a.image = value()?.into(),
             "--out" => a.out = value()?.into(),
             "--no-host" => a.host = false,
+            "--iommu" => a.iommu = true,
             _ => return Err(format!("unknown argument {arg}\n{USAGE}")),
         }
     }
@@ -187,12 +191,31 @@ fn bench(args: &Args) -> Result<bool, String> {
     boot.extra_args = vec!["--disk".into(), ferrio_disk.clone()];
     let limit = boot.timeout + Duration::from_secs(30);
     let (mut ferrio_runs, mut qemu_runs) = (Series::default(), Series::default());
+    let mut iommu_runs = Series::default();
+    let mut iommu_boot = boot.clone();
+    iommu_boot.extra_args = vec![
+        "--iommu".into(),
+        "--disk".into(),
+        format!("{ferrio_disk},iommu=on"),
+    ];
+    iommu_boot.extra_cmdline = "iommu.strict=1".into();
     let mut qemu_line = String::new();
     for i in 0..args.runs {
         eprintln!("[blk-bench] run {}/{}: ferrio", i + 1, args.runs);
         match run_with(&ferrio, &image, &boot) {
             Ok(o) => ferrio_runs.record(&o),
             Err(e) => ferrio_runs.failures.push(e.to_string()),
+        }
+        if args.iommu {
+            eprintln!(
+                "[blk-bench] run {}/{}: ferrio, disk behind the virtio-iommu",
+                i + 1,
+                args.runs
+            );
+            match run_with(&ferrio, &image, &iommu_boot) {
+                Ok(o) => iommu_runs.record(&o),
+                Err(e) => iommu_runs.failures.push(e.to_string()),
+            }
         }
         eprintln!("[blk-bench] run {}/{}: qemu", i + 1, args.runs);
         let mut qemu = qemu_command(&image, "fio", args.cpus, &args.memory);
@@ -206,6 +229,7 @@ fn bench(args: &Args) -> Result<bool, String> {
 
     let f = |n: &str| ferrio_runs.median(n);
     let q = |n: &str| qemu_runs.median(n);
+    let fi = |n: &str| iommu_runs.median(n);
     let h = |n: &str| host.as_ref().and_then(|h| h.get(n).copied());
     let report = json!({
         "benchmark": "virtio-blk fio",
@@ -228,7 +252,10 @@ fn bench(args: &Args) -> Result<bool, String> {
         "host_fio_version": host_fio_version,
         "ferrio": ferrio_runs.json(),
         "qemu": qemu_runs.json(),
+        "ferrio_iommu": args.iommu.then(|| iommu_runs.json()),
+        "ferrio_iommu_disk": args.iommu.then(|| format!("--iommu --disk {ferrio_disk},iommu=on (cmdline iommu.strict=1)")),
         "host": host,
+        "ratio_ferrio_iommu_over_ferrio": args.iommu.then(|| ratios(fi, f)),
         "ratio_ferrio_over_qemu": ratios(f, q),
         "ratio_ferrio_over_host": ratios(f, h),
         "ratio_qemu_over_host": ratios(q, h),

@@ -14,6 +14,7 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{disk, get, pattern, put, put_header, status_at, TempImage, FEATURES};
+use crate::dma::DmaTracker;
 use crate::virtio::block::backend::{BlockBackend, FileBackend, IoBuf, IoBufMut};
 use crate::virtio::block::engine::{IoEngine, QueueEngine};
 use crate::virtio::block::queue::{process_queue, QueueStats};
@@ -47,7 +48,7 @@ impl<'a> Rig<'a> {
         let queue = driver.queue();
         let uring = (engine == IoEngine::Uring).then(|| {
             let fd = disk.backend.raw_file().unwrap();
-            UringEngine::new(UringRing::new(fd, 16).unwrap())
+            UringEngine::new(UringRing::new(fd, 16).unwrap(), DmaTracker::untracked())
         });
         Self {
             mem,
@@ -80,7 +81,8 @@ impl<'a> Rig<'a> {
     /// Serves the queue until nothing is in flight.
     pub fn serve(&mut self) -> QueueStats {
         let Some(engine) = &mut self.uring else {
-            return process_queue(&mut self.queue, self.mem, &self.disk, 64).unwrap();
+            let dma = DmaTracker::untracked();
+            return process_queue(&mut self.queue, self.mem, &self.disk, &dma, 64).unwrap();
         };
         let (q, mem, disk) = (&mut self.queue, self.mem, &self.disk);
         let mut stats = engine.serve(q, mem, disk, 64).unwrap();

@@ -5,6 +5,7 @@ use virtio_bindings::bindings::virtio_blk::*;
 use virtio_queue::Queue;
 
 use super::{disk, get, pattern, put, put_header, status_at, TempImage, FEATURES};
+use crate::dma::DmaTracker;
 use crate::virtio::block::engine::QueueEngine;
 use crate::virtio::block::queue::QueueStats;
 use crate::virtio::block::request::Disk;
@@ -34,7 +35,7 @@ impl<'a> Rig<'a> {
         let driver = Driver::new(mem, 0, 64);
         let queue = driver.queue();
         let ring = UringRing::new(disk.backend.raw_file().unwrap(), 64).unwrap();
-        let mut engine = UringEngine::new(ring);
+        let mut engine = UringEngine::new(ring, DmaTracker::untracked());
         engine.reverse_completions = true;
         Self {
             mem,

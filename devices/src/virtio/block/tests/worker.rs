@@ -72,6 +72,7 @@ fn activate_with(
             mem: mem.clone(),
             queues,
             interrupt: irq.clone(),
+            dma: Default::default(),
         })
         .unwrap();
 }

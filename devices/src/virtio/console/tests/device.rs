@@ -90,6 +90,7 @@ fn activation(mem: &Mem, drivers: &[(u16, &Driver)], irq: &Arc<TestInterrupt>) -
             })
             .collect(),
         interrupt: irq.clone(),
+        dma: Default::default(),
     }
 }
 

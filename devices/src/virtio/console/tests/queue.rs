@@ -8,6 +8,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{memory, ro, wo, Driver, MEM_SIZE};
+use crate::dma::DmaTracker;
 use crate::virtio::console::queue::{fill_rx, process_tx, QueueError, RxStats, TxStats};
 
 const BUF: u64 = 0x10_0000;
@@ -31,7 +32,7 @@ fn tx_chain_of_two_buffers_in_order() {
     drv.add(&[ro(BUF, 6), ro(BUF + 0x1000, 5)]);
     let mut q = drv.queue();
     let mut sink = Vec::new();
-    let stats = process_tx(&mut q, &mem, &mut sink).unwrap();
+    let stats = process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked()).unwrap();
     assert_eq!(sink, b"hello world");
     let expected = TxStats {
         chains: 1,
@@ -44,7 +45,7 @@ fn tx_chain_of_two_buffers_in_order() {
     assert_eq!(drv.used_idx(), 1);
     assert_eq!(drv.used(0), (0, 0));
     // Nothing more: no chains, no notification.
-    let stats = process_tx(&mut q, &mem, &mut sink).unwrap();
+    let stats = process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked()).unwrap();
     assert_eq!(stats, TxStats::default());
     // Notifications are enabled again (no EVENT_IDX: used flags clear).
     assert_eq!(drv.used_flags() & VRING_USED_F_NO_NOTIFY as u16, 0);
@@ -63,7 +64,7 @@ fn tx_many_chains() {
     }
     let mut q = drv.queue();
     let mut sink = Vec::new();
-    let stats = process_tx(&mut q, &mem, &mut sink).unwrap();
+    let stats = process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked()).unwrap();
     assert_eq!(sink, expected);
     assert_eq!((stats.chains, stats.invalid), (10, 0));
     assert_eq!(drv.used_idx(), 10);
@@ -86,7 +87,7 @@ fn tx_refuses_bad_chains_and_goes_on() {
     drv.add(&[ro(BUF + 0x100, 4)]);
     let mut q = drv.queue();
     let mut sink = Vec::new();
-    let stats = process_tx(&mut q, &mem, &mut sink).unwrap();
+    let stats = process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked()).unwrap();
     assert_eq!(sink, b"AAAABBBB");
     assert_eq!((stats.chains, stats.invalid, stats.bytes), (6, 4, 8));
     for n in 0..6 {
@@ -113,7 +114,7 @@ fn tx_broken_chains() {
     drv.publish(3);
     let mut q = drv.queue();
     let mut sink = Vec::new();
-    let stats = process_tx(&mut q, &mem, &mut sink).unwrap();
+    let stats = process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked()).unwrap();
     assert_eq!(sink, b"ok");
     assert_eq!((stats.chains, stats.invalid), (3, 3));
     assert_eq!(drv.used_idx(), 3);
@@ -128,7 +129,7 @@ fn tx_avail_index_jump_is_a_ring_error() {
     let drv = Driver::new(&mem, 0, 16);
     drv.set_avail_idx(17);
     let mut q = drv.queue();
-    let err = process_tx(&mut q, &mem, &mut Vec::new()).unwrap_err();
+    let err = process_tx(&mut q, &mem, &mut Vec::new(), &DmaTracker::untracked()).unwrap_err();
     assert!(matches!(err, QueueError::AvailRing(_)), "{err}");
     assert_eq!(drv.used_idx(), 0);
 }
@@ -151,7 +152,7 @@ fn tx_sink_error_still_completes_chains() {
     drv.add(&[ro(BUF, 5)]);
     drv.add(&[ro(BUF, 7)]);
     let mut q = drv.queue();
-    let stats = process_tx(&mut q, &mem, &mut FailingSink).unwrap();
+    let stats = process_tx(&mut q, &mem, &mut FailingSink, &DmaTracker::untracked()).unwrap();
     assert_eq!((stats.chains, stats.invalid, stats.lost), (2, 0, 12));
     assert_eq!(drv.used_idx(), 2);
 }
@@ -164,7 +165,7 @@ fn rx_input_larger_than_buffers_stays_pending() {
     drv.add(&[wo(BUF + 0x100, 4), wo(BUF + 0x200, 4)]);
     let mut q = drv.queue();
     let mut input: VecDeque<u8> = (b'a'..=b't').collect(); // 20 bytes
-    let stats = fill_rx(&mut q, &mem, &mut input).unwrap();
+    let stats = fill_rx(&mut q, &mem, &mut input, &DmaTracker::untracked()).unwrap();
     let expected = RxStats {
         chains: 2,
         bytes: 16,
@@ -179,7 +180,7 @@ fn rx_input_larger_than_buffers_stays_pending() {
     assert_eq!(input.iter().copied().collect::<Vec<_>>(), b"qrst");
     // A new buffer larger than the rest: partial use, input empty.
     drv.add(&[wo(BUF + 0x300, 64)]);
-    let stats = fill_rx(&mut q, &mem, &mut input).unwrap();
+    let stats = fill_rx(&mut q, &mem, &mut input, &DmaTracker::untracked()).unwrap();
     assert_eq!((stats.chains, stats.bytes), (1, 4));
     assert_eq!(drv.used(2), (3, 4));
     assert_eq!(get(&mem, BUF + 0x300, 4), b"qrst");
@@ -193,7 +194,7 @@ fn rx_without_buffers_consumes_nothing() {
     let mut q = drv.queue();
     q.set_event_idx(true);
     let mut input: VecDeque<u8> = b"pending".iter().copied().collect();
-    let stats = fill_rx(&mut q, &mem, &mut input).unwrap();
+    let stats = fill_rx(&mut q, &mem, &mut input, &DmaTracker::untracked()).unwrap();
     assert_eq!(stats, RxStats::default());
     assert_eq!(input.len(), 7);
     assert_eq!(drv.used_idx(), 0);
@@ -201,7 +202,7 @@ fn rx_without_buffers_consumes_nothing() {
     assert_eq!(drv.avail_event(), 0);
     // Empty input leaves the buffers alone.
     drv.add(&[wo(BUF, 8)]);
-    let stats = fill_rx(&mut q, &mem, &mut VecDeque::new()).unwrap();
+    let stats = fill_rx(&mut q, &mem, &mut VecDeque::new(), &DmaTracker::untracked()).unwrap();
     assert_eq!(stats, RxStats::default());
     assert_eq!(drv.used_idx(), 0);
 }
@@ -218,7 +219,7 @@ fn rx_refuses_read_only_and_bad_buffers() {
     drv.add(&[wo(BUF + 0x300, 16)]);
     let mut q = drv.queue();
     let mut input: VecDeque<u8> = b"data".iter().copied().collect();
-    let stats = fill_rx(&mut q, &mem, &mut input).unwrap();
+    let stats = fill_rx(&mut q, &mem, &mut input, &DmaTracker::untracked()).unwrap();
     assert_eq!((stats.chains, stats.invalid, stats.bytes), (5, 4, 4));
     assert_eq!(get(&mem, BUF, 9), b"untouched");
     assert_eq!(get(&mem, BUF + 0x100, 4), [0; 4]);
@@ -241,25 +242,33 @@ fn event_idx_suppresses_and_requires_notifications() {
     // used_event 0: the first used buffer (idx 0 -> 1) must interrupt.
     drv.set_used_event(0);
     drv.add(&[ro(BUF, 1)]);
-    assert!(process_tx(&mut q, &mem, &mut sink).unwrap().notify);
+    assert!(
+        process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked())
+            .unwrap()
+            .notify
+    );
     // The device asks for a kick at the next avail entry.
     assert_eq!(drv.avail_event(), 1);
 
     // used_event 3: idx 1 -> 2 needs none, 2 -> 4 crosses it.
     drv.set_used_event(3);
     drv.add(&[ro(BUF, 1)]);
-    let stats = process_tx(&mut q, &mem, &mut sink).unwrap();
+    let stats = process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked()).unwrap();
     assert_eq!((stats.chains, stats.notify), (1, false));
     drv.add(&[ro(BUF, 1)]);
     drv.add(&[ro(BUF, 1)]);
-    let stats = process_tx(&mut q, &mem, &mut sink).unwrap();
+    let stats = process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked()).unwrap();
     assert_eq!((stats.chains, stats.notify), (2, true));
     assert_eq!(drv.avail_event(), 4);
 
     // A used_event far behind (the driver does not want interrupts now).
     drv.set_used_event(1);
     drv.add(&[ro(BUF, 1)]);
-    assert!(!process_tx(&mut q, &mem, &mut sink).unwrap().notify);
+    assert!(
+        !process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked())
+            .unwrap()
+            .notify
+    );
     assert_eq!(sink, b"xxxxx");
 
     // The receiveq follows the same rule.
@@ -270,9 +279,17 @@ fn event_idx_suppresses_and_requires_notifications() {
     rdrv.add(&[wo(BUF + 0x100, 1)]);
     rdrv.add(&[wo(BUF + 0x200, 1)]);
     let mut input: VecDeque<u8> = b"a".iter().copied().collect();
-    assert!(!fill_rx(&mut rq, &mem, &mut input).unwrap().notify);
+    assert!(
+        !fill_rx(&mut rq, &mem, &mut input, &DmaTracker::untracked())
+            .unwrap()
+            .notify
+    );
     input.push_back(b'b');
-    assert!(fill_rx(&mut rq, &mem, &mut input).unwrap().notify);
+    assert!(
+        fill_rx(&mut rq, &mem, &mut input, &DmaTracker::untracked())
+            .unwrap()
+            .notify
+    );
 }
 
 #[test]
@@ -287,7 +304,12 @@ fn ring_indices_wrap() {
         put(&mem, BUF + u64::from(round), &[byte]);
         expected.push(byte);
         drv.add(&[ro(BUF + u64::from(round), 1)]);
-        assert_eq!(process_tx(&mut q, &mem, &mut sink).unwrap().chains, 1);
+        assert_eq!(
+            process_tx(&mut q, &mem, &mut sink, &DmaTracker::untracked())
+                .unwrap()
+                .chains,
+            1
+        );
     }
     assert_eq!(sink, expected);
     assert_eq!(drv.used_idx(), 10);

@@ -58,6 +58,7 @@ fn activate<'a>(
             },
         ],
         interrupt: irq.clone(),
+        dma: Default::default(),
     })
     .unwrap();
     Rig {

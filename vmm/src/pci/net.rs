@@ -1,0 +1,30 @@
+//! Opens the TAP of a `--net` NIC and builds its virtio-net device.
+
+use ferrio_devices::virtio::net::tap::{self, Tap};
+use ferrio_devices::virtio::net::{NetConfig as DeviceConfig, VirtioNet};
+
+use crate::config::{NetBackendConfig, NetConfig};
+use crate::error::Error;
+
+/// Attaches to the TAP (or takes over the inherited fd) and builds the device.
+pub fn create(n: &NetConfig) -> Result<VirtioNet, Error> {
+    let backend = match &n.backend {
+        NetBackendConfig::Tap(name) => Tap::open(name, n.num_queue_pairs)?,
+        NetBackendConfig::Fd(fd) => {
+            // SAFETY: the user handed this descriptor to ferrio for the NIC (`--net
+            // fd=N`); nothing else in the process opened or uses it (fds 0-2 are
+            // refused by the parser), so taking ownership of it is sound.
+            let owned = unsafe { tap::owned_fd(*fd) }.map_err(|e| Error::NetFd {
+                fd: *fd,
+                source: e,
+            })?;
+            Tap::from_fd(owned)?
+        }
+    };
+    tracing::info!(tap = %backend.name, offloads = backend.offloads, "TAP ready");
+    let config = DeviceConfig {
+        mac: n.mac.0,
+        queue_size: n.queue_size,
+    };
+    Ok(VirtioNet::new(backend, config))
+}
