@@ -453,8 +453,15 @@ impl ConfigBuilder {
             .map(|(i, spec)| parse_net(spec, i))
             .collect::<Result<Vec<_>, _>>()?;
         let iommu = l.iommu.unwrap_or(false);
-        let behind_iommu = console.iter().map(|c| c.iommu).chain(disks.iter().map(|d| d.iommu));
-        if !iommu && behind_iommu.chain(nets.iter().map(|n| n.iommu)).any(|on| on) {
+        let behind_iommu = console
+            .iter()
+            .map(|c| c.iommu)
+            .chain(disks.iter().map(|d| d.iommu));
+        if !iommu
+            && behind_iommu
+                .chain(nets.iter().map(|n| n.iommu))
+                .any(|on| on)
+        {
             return Err(ConfigError::NoIommu);
         }
         let kernel = l.kernel.ok_or(ConfigError::NoKernel)?;

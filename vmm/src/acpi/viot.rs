@@ -60,7 +60,10 @@ mod tests {
         };
         let t = viot(&cfg);
         assert_eq!(&t[..4], b"VIOT");
-        assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
+        assert_eq!(
+            u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+            t.len()
+        );
         assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
         assert_eq!(u16_at(&t, 36), 3, "node count");
         let first = u16_at(&t, 38) as usize;
@@ -74,7 +77,10 @@ mod tests {
             let n = first + 16 + 24 * i;
             assert_eq!((t[n], u16_at(&t, n + 2)), (1, 24));
             let bdf = u16::from(dev) << 3;
-            assert_eq!(u32::from_le_bytes(t[n + 4..n + 8].try_into().unwrap()), u32::from(bdf));
+            assert_eq!(
+                u32::from_le_bytes(t[n + 4..n + 8].try_into().unwrap()),
+                u32::from(bdf)
+            );
             assert_eq!((u16_at(&t, n + 12), u16_at(&t, n + 14)), (bdf, bdf));
             assert_eq!(u16_at(&t, n + 16) as usize, first);
             assert_eq!(endpoint_id(addr(dev)), u32::from(bdf));

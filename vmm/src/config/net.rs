@@ -108,7 +108,10 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
                         .ok()
                         .filter(|n| (1..=MAX_QUEUE_PAIRS).contains(n))
                         .ok_or_else(|| {
-                            bad(spec, format!("num_queue_pairs must be 1..={MAX_QUEUE_PAIRS}"))
+                            bad(
+                                spec,
+                                format!("num_queue_pairs must be 1..={MAX_QUEUE_PAIRS}"),
+                            )
                         })?,
                 )
             }
@@ -131,7 +134,10 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
     }
     let backend = backend.ok_or_else(|| bad(spec, "tap=NAME or fd=N is required"))?;
     if matches!(backend, NetBackendConfig::Fd(_)) && pairs.is_some_and(|n| n > 1) {
-        return Err(bad(spec, "fd=N carries one queue pair; use tap=NAME for more"));
+        return Err(bad(
+            spec,
+            "fd=N carries one queue pair; use tap=NAME for more",
+        ));
     }
     let default_mac = || {
         let last = 0x56u8.wrapping_add(index as u8);

@@ -13,6 +13,7 @@ pub mod placement;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use ferrio_devices::dma::DmaTracker;
 use ferrio_devices::virtio::VirtioDevice;
 use ferrio_devices::{Bus, BusDevice};
 use ferrio_pci::root::{PciAddress, PciRoot, SharedPciDevice};
@@ -20,7 +21,6 @@ use ferrio_pci::virtio_pci::VirtioPciDevice;
 use ferrio_pci::{BarKind, BarMapping, MsiVectors};
 use kvm_ioctls::VmFd;
 use vm_allocator::{AddressAllocator, AllocPolicy};
-use ferrio_devices::dma::DmaTracker;
 use vm_memory::GuestMemory;
 
 use crate::error::Error;
@@ -88,8 +88,7 @@ impl PciBuilder {
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1).map_err(pci_err)?;
         let msi: Arc<dyn MsiVectors> =
             Arc::new(KvmMsiVectors::new(self.routing.clone(), vectors).map_err(pci_err)?);
-        let mut dev =
-            VirtioPciDevice::new(device, mem, msi, iommu.is_some()).map_err(pci_err)?;
+        let mut dev = VirtioPciDevice::new(device, mem, msi, iommu.is_some()).map_err(pci_err)?;
         if let Some(dma) = iommu {
             dev = dev.with_dma_tracker(dma);
         }

@@ -14,10 +14,8 @@ pub fn create(n: &NetConfig) -> Result<VirtioNet, Error> {
             // SAFETY: the user handed this descriptor to ferrio for the NIC (`--net
             // fd=N`); nothing else in the process opened or uses it (fds 0-2 are
             // refused by the parser), so taking ownership of it is sound.
-            let owned = unsafe { tap::owned_fd(*fd) }.map_err(|e| Error::NetFd {
-                fd: *fd,
-                source: e,
-            })?;
+            let owned =
+                unsafe { tap::owned_fd(*fd) }.map_err(|e| Error::NetFd { fd: *fd, source: e })?;
             Tap::from_fd(owned)?
         }
     };

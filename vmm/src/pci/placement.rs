@@ -70,9 +70,9 @@ impl<'a> Placement<'a> {
             .map_err(|e| Error::Pci(e.to_string()))?;
         let dma = endpoint.dma_tracker();
         let mem = IommuMemory::new(self.mem.clone(), endpoint, true, ());
-        let added = self
-            .pci
-            .add_virtio::<TranslatedMemory>(Box::new(device), mem, slot, Some(dma))?;
+        let added =
+            self.pci
+                .add_virtio::<TranslatedMemory>(Box::new(device), mem, slot, Some(dma))?;
         debug_assert_eq!(added, address);
         iommu.endpoints.push(address);
         Ok(address)
