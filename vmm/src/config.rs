@@ -452,6 +452,20 @@ impl ConfigBuilder {
             .enumerate()
             .map(|(i, spec)| parse_net(spec, i))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut fds: Vec<_> = nets
+            .iter()
+            .filter_map(|n| match n.backend {
+                NetBackendConfig::Fd(fd) => Some(fd),
+                NetBackendConfig::Tap(_) => None,
+            })
+            .collect();
+        fds.sort_unstable();
+        if let Some(w) = fds.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::BadDevice {
+                spec: format!("fd={}", w[0]),
+                reason: "the same TAP fd is given to two NICs".into(),
+            });
+        }
         let iommu = l.iommu.unwrap_or(false);
         let behind_iommu = console
             .iter()

@@ -55,7 +55,9 @@ impl Netns {
             eprintln!("skipped: creating a network namespace needs root");
             return None;
         }
-        let name = format!("ferrio-vt-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("ferrio-vt-{}-{n}", std::process::id());
         let ip = |args: &[&str]| {
             let o = Command::new("ip").args(args).output();
             match o {
@@ -136,4 +138,60 @@ fn nic_on_a_multi_queue_tap() {
     assert!(o.status.success());
     let line = one_error_line(&ns.ferrio(&k, "tap=ftap0"));
     assert!(line.contains("not a TAP"), "{line}");
+}
+
+/// Opens `ftap0` inside the namespace `ns` (from a thread that joins it) with
+/// IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|IFF_MULTI_QUEUE, inheritable.
+fn open_tap_in(ns: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let nsfile = std::fs::File::open(&path).expect("netns handle");
+        // SAFETY: setns on a namespace fd we own; it affects only this thread.
+        assert_eq!(
+            unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let tun = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("open /dev/net/tun");
+        let mut req = [0u8; 40];
+        req[..5].copy_from_slice(b"ftap0");
+        let flags: u16 = 0x0002 | 0x1000 | 0x4000 | 0x0100;
+        req[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq we pass.
+        let r = unsafe { libc::ioctl(tun.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
+        assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        // SAFETY: F_DUPFD without CLOEXEC creates a new, inheritable descriptor.
+        let fd = unsafe { libc::fcntl(tun.as_raw_fd(), libc::F_DUPFD, 10) };
+        assert!(fd >= 10);
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    })
+    .join()
+    .expect("tap thread")
+}
+
+#[test]
+fn nic_on_an_inherited_tap_fd() {
+    use std::os::fd::AsRawFd;
+    let Some(ns) = Netns::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_guest(dir.path());
+    let tap = open_tap_in(&ns.0);
+    // ferrio itself stays in the root namespace: the fd is already attached.
+    let spec = format!("fd={},slot=3", tap.as_raw_fd());
+    let o = common::ferrio(&k, &["--net", &spec]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(o.stdout[..4], 0x1041_1af4u32.to_le_bytes());
+    // The test binary's stdin is not a TAP (and fds 0-2 are refused outright).
+    let line = one_error_line(&common::ferrio(&k, &["--net", "fd=0"]));
+    assert!(line.contains("fd must be"), "{line}");
 }

@@ -472,3 +472,16 @@ fn iommu_on_needs_an_iommu() {
         .unwrap();
     assert!(cfg.iommu && cfg.nets[0].iommu);
 }
+
+#[test]
+fn one_tap_fd_per_nic() {
+    let dir = files();
+    let err = err_with(
+        &dir,
+        FileConfig {
+            net: Some(vec!["fd=5".into(), "fd=5,mac=02:00:00:00:00:01".into()]),
+            ..Default::default()
+        },
+    );
+    assert!(err.to_string().contains("two NICs"), "{err}");
+}

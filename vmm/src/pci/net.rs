@@ -1,6 +1,6 @@
 //! Opens the TAP of a `--net` NIC and builds its virtio-net device.
 
-use ferrio_devices::virtio::net::tap::{self, Tap};
+use ferrio_devices::virtio::net::tap::{self, Tap, TapError};
 use ferrio_devices::virtio::net::{NetConfig as DeviceConfig, VirtioNet};
 
 use crate::config::{NetBackendConfig, NetConfig};
@@ -11,12 +11,13 @@ pub fn create(n: &NetConfig) -> Result<VirtioNet, Error> {
     let backend = match &n.backend {
         NetBackendConfig::Tap(name) => Tap::open(name, n.num_queue_pairs)?,
         NetBackendConfig::Fd(fd) => {
-            // SAFETY: the user handed this descriptor to ferrio for the NIC (`--net
-            // fd=N`); nothing else in the process opened or uses it (fds 0-2 are
-            // refused by the parser), so taking ownership of it is sound.
-            let owned =
-                unsafe { tap::owned_fd(*fd) }.map_err(|e| Error::NetFd { fd: *fd, source: e })?;
-            Tap::from_fd(owned)?
+            let dup = tap::dup_fd(*fd).map_err(|e| Error::NetFd { fd: *fd, source: e })?;
+            Tap::from_fd(dup).map_err(|e| match e {
+                // Name the user's fd, not our duplicate.
+                TapError::NotATapFd(_) => TapError::NotATapFd(*fd),
+                TapError::FdFlags(_) => TapError::FdFlags(*fd),
+                other => other,
+            })?
         }
     };
     tracing::info!(tap = %backend.name, offloads = backend.offloads, "TAP ready");

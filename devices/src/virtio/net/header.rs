@@ -2,9 +2,8 @@
 //! both queues and on the TAP, and the checks a transmitted header must pass.
 
 use virtio_bindings::bindings::virtio_net::{
-    VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
-    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
-    VIRTIO_NET_HDR_GSO_UDP,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP,
 };
 
 /// Size of `virtio_net_hdr_v1` (VIRTIO_F_VERSION_1 is always negotiated).
@@ -78,11 +77,13 @@ pub struct TxOffloads {
     pub ufo: bool,
 }
 
+/// The only `flags` bit a transmitted header passes on: the device ignores the others
+/// (virtio 1.2, 5.1.6.2.2; DATA_VALID and RSC_INFO are receive-only).
+pub const TX_FLAGS: u8 = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+
 /// Why a transmitted header is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
-    #[error("unknown header flags {0:#x}")]
-    Flags(u8),
     #[error("NEEDS_CSUM without VIRTIO_NET_F_CSUM")]
     CsumNotNegotiated,
     #[error("checksum at {start}+{offset} outside the {len}-byte frame")]
@@ -96,17 +97,14 @@ pub enum HeaderError {
 }
 
 /// Checks the header of a transmitted frame of `frame_len` bytes (header excluded)
-/// against the negotiated offloads.
+/// against the negotiated offloads. Flag bits other than [`TX_FLAGS`] are ignored (the
+/// caller clears them in what it passes on).
 pub fn validate_tx(
     hdr: &VnetHeader,
     frame_len: usize,
     offloads: &TxOffloads,
 ) -> Result<(), HeaderError> {
-    let known = (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) as u8;
-    if hdr.flags & !known != 0 {
-        return Err(HeaderError::Flags(hdr.flags));
-    }
-    if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0 {
+    if hdr.flags & TX_FLAGS != 0 {
         if !offloads.csum {
             return Err(HeaderError::CsumNotNegotiated);
         }
@@ -172,11 +170,12 @@ mod tests {
     fn tx_header_rules() {
         let plain = VnetHeader::default();
         assert_eq!(validate_tx(&plain, 60, &TxOffloads::default()), Ok(()));
-        let bad_flags = VnetHeader { flags: 4, ..plain };
-        assert_eq!(
-            validate_tx(&bad_flags, 60, &ALL),
-            Err(HeaderError::Flags(4))
-        );
+        // Unknown flag bits are ignored, not refused.
+        let odd_flags = VnetHeader {
+            flags: 0xfe,
+            ..plain
+        };
+        assert_eq!(validate_tx(&odd_flags, 60, &TxOffloads::default()), Ok(()));
         let csum = VnetHeader {
             flags: 1,
             csum_start: 34,

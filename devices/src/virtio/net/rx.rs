@@ -6,7 +6,7 @@
 //!
 //! Without VIRTIO_NET_F_MRG_RXBUF a frame takes one chain, whatever its size (a driver
 //! not using receive offloads posts small buffers; a frame that does not fit is dropped
-//! by the host read, and the chain returned with length 0). With it, chains are taken
+//! and the chain returned with length 0). With it, chains are taken
 //! until they hold the vnet header plus the largest frame the host may deliver; the
 //! chains the frame did not need go back to the available ring (a ring entirely filled
 //! with buffers is used as it is). If the ring cannot hold a largest frame, nothing is
@@ -17,7 +17,12 @@
 //! A driver may refill its ring only after it got frames (Linux refills once half of a
 //! small ring is used), while the device cannot know a frame's size before reading it.
 //! So the caller can ask ([`RxFill::Short`]) to read into whatever buffers are there:
-//! frames that fit are delivered, larger ones are dropped by the host read (counted).
+//! frames that fit are delivered, larger ones are dropped (counted).
+//!
+//! A TAP does not fail a read into too small buffers: it truncates the frame and
+//! returns the iovecs' total length (so does a datagram socket). Each `readv` therefore
+//! ends with one local overflow byte past the guest buffers; a frame reaching it did
+//! not fit and is dropped, while a frame filling the buffers exactly is delivered.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -177,7 +182,8 @@ fn receive_one<M: GuestMemory>(
     let mut chains: Vec<RxChain> = Vec::new();
     // Every chain popped since the first good one, in ring order.
     let mut order: Vec<Popped> = Vec::new();
-    let (mut cap, mut iov_count, mut pops) = (0usize, 1usize, 0usize);
+    // Two iovecs are local: the vnet header and the overflow byte.
+    let (mut cap, mut iov_count, mut pops) = (0usize, 2usize, 0usize);
     loop {
         let enough = if params.mrg_rxbuf {
             cap >= need
@@ -231,14 +237,24 @@ fn receive_one<M: GuestMemory>(
         });
     }
     let mut header = [0u8; VNET_HDR_LEN];
+    let mut overflow = [0u8; 1];
     let mut iovs = Vec::with_capacity(iov_count);
     iovs.push(net_io::local_iovec_mut(&mut header));
     for c in &chains {
         iovs.extend_from_slice(&c.iovs.iovs);
     }
+    iovs.push(net_io::local_iovec_mut(&mut overflow));
     let result = net_io::readv(fd, &iovs);
     drop(iovs);
     let n = match result {
+        // The host truncated the frame to the iovecs (see the module comment).
+        Ok(n) if n > cap => {
+            stats.dropped(
+                DropReason::RxTooBig,
+                &format_args!("frame longer than the {cap}-byte buffers"),
+            );
+            return drop_frame(queue, mem, &chains, order.len(), completed);
+        }
         Ok(0) => {
             rewind(queue, order.len());
             stats.dropped(DropReason::RxError, &"the host end was closed");
@@ -254,7 +270,7 @@ fn receive_one<M: GuestMemory>(
             return Ok(Step::Empty);
         }
         Err(e) if matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL)) => {
-            // The host consumed a frame larger than the buffers.
+            // The host consumed a frame but could not copy it into the buffers.
             stats.dropped(
                 DropReason::RxTooBig,
                 &format_args!("{cap}-byte buffers: {e}"),

@@ -317,17 +317,18 @@ impl NonBlocking for std::fs::OpenOptions {
     }
 }
 
-/// Takes ownership of a raw fd number given on the command line (`--net fd=N`).
-///
-/// # Safety
-/// `fd` must be an open descriptor that nothing else in the process owns or closes.
-pub unsafe fn owned_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_GETFD only checks that the descriptor is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+/// A private duplicate (close-on-exec) of an fd number given on the command line
+/// (`--net fd=N`). The original descriptor is left alone, so a wrong number can never
+/// close a descriptor that something else in the process owns.
+pub fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only creates a new descriptor; no memory is passed. An
+    // invalid `fd` makes it fail with EBADF.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the caller guarantees that the open descriptor is ours alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // SAFETY: `new` is a descriptor this call just created and nothing else knows.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! copy, which is what the host gets, so the guest cannot change it after the check).
 //!
 //! A refused chain (wrong direction, broken, too short or too long, outside guest
-//! memory, bad header) or a frame the host refuses is dropped and counted; its chain
+//! memory, bad header; unknown header flag bits are ignored, not refused) or a frame the host refuses is dropped and counted; its chain
 //! still goes to the used ring. When the host end is full (EAGAIN) the chain is put back
 //! in the available ring and the caller waits for the fd to become writable.
 //! Notifications: the batch runs with driver notifications disabled and re-enables them
@@ -18,7 +18,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemory;
 
 use super::header::{
-    validate_tx, HeaderError, TxOffloads, VnetHeader, MAX_GSO_FRAME, VNET_HDR_LEN,
+    validate_tx, HeaderError, TxOffloads, VnetHeader, MAX_GSO_FRAME, TX_FLAGS, VNET_HDR_LEN,
 };
 use super::io::{self as net_io, ChainError, IOV_MAX};
 use super::stats::{DropReason, NetStats};
@@ -160,6 +160,8 @@ fn prepare<M: GuestMemory>(
     buffers
         .read_at(mem, 0, &mut header)
         .map_err(|_| ChainError::Memory)?;
+    // Flag bits the device does not use are ignored, so the host never sees them.
+    header[0] &= TX_FLAGS;
     validate_tx(&VnetHeader::from_bytes(&header), frame_len, offloads)?;
     let parts = buffers.range(hdr_len, frame_len as u64);
     let iovs = GuestIovecs::new(mem, &parts, false).map_err(|_| ChainError::Memory)?;

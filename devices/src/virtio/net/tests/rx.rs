@@ -364,3 +364,41 @@ fn rx_short_fill_reads_into_a_short_ring() {
     assert_eq!(got[12..], f1[12..]);
     assert_eq!(read(&mem, addr(2), f2.len())[12..], f2[12..]);
 }
+
+/// A TAP (like a datagram socket) silently truncates a frame longer than the iovecs
+/// and returns their total length: the device must notice and drop the frame instead
+/// of delivering a truncated one as good.
+#[test]
+fn rx_frame_longer_than_the_buffers_is_dropped_not_truncated() {
+    let mem = memory();
+    let mut d = Driver::new(&mem, 0, 16);
+    let mut q = d.queue();
+    let (tap, peer) = fake_tap();
+    let stats = NetStats::default();
+    let small = d.add(&[wo(0x10_0000, 12 + 100)]);
+    let exact = d.add(&[wo(0x20_0000, 12 + 100)]);
+    peer.send(&frame(VnetHeader::default(), 101, 1));
+    let fits = frame(VnetHeader::default(), 100, 2);
+    peer.send(&fits);
+    let fd = tap.as_raw_fd();
+    let r = process_rx(&mut q, &mem, fd, &PLAIN, &stats, 64, RxFill::Full).unwrap();
+    assert_eq!((r.frames, r.completed), (1, 2));
+    assert_eq!(d.used(0), (u32::from(small), 0));
+    // A frame filling its buffers exactly is delivered.
+    assert_eq!(d.used(1), (u32::from(exact), fits.len() as u32));
+    assert_eq!(read(&mem, 0x20_0000 + 12, 100), fits[12..]);
+    let s = stats.snapshot();
+    assert_eq!((s.rx_frames, s.rx_bytes, s.rx_too_big), (1, 100, 1));
+
+    // Same with mergeable buffers read into a short ring.
+    let heads: Vec<u16> = (0..2)
+        .map(|i| d.add(&[wo(0x30_0000 + 0x1_0000 * i, 1000)]))
+        .collect();
+    peer.send(&frame(VnetHeader::default(), 3000, 3));
+    let r = process_rx(&mut q, &mem, fd, &MERGEABLE, &stats, 64, RxFill::Short).unwrap();
+    assert_eq!(r.frames, 0);
+    assert_eq!(d.used(2), (u32::from(heads[0]), 0));
+    assert_eq!(stats.snapshot().rx_too_big, 2);
+    // The second chain went back to the ring.
+    assert_eq!(q.next_avail(), 3);
+}

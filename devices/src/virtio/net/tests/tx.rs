@@ -183,3 +183,31 @@ fn tx_budget_and_ring_errors() {
     let err = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 64).unwrap_err();
     assert!(matches!(err, RingError::AvailRing(_)), "{err}");
 }
+
+/// virtio 1.2, 5.1.6.2.2: "The device MUST ignore flag bits that it does not
+/// recognize": such a frame is sent, with only NEEDS_CSUM passed on to the host.
+#[test]
+fn tx_unknown_header_flags_are_ignored() {
+    let mem = memory();
+    let mut d = Driver::new(&mem, 0, 16);
+    let mut q = d.queue();
+    let (tap, peer) = fake_tap();
+    let stats = NetStats::default();
+    let hdr = VnetHeader {
+        // NEEDS_CSUM, DATA_VALID and RSC_INFO (which a driver must not set) and 0x80.
+        flags: 0x87,
+        csum_start: 34,
+        csum_offset: 16,
+        ..Default::default()
+    };
+    let f = frame(hdr, 100, 7);
+    let head = d.add(&bufs(&scatter(&mem, 0x10_0000, &f, &[112])));
+    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 64).unwrap();
+    assert_eq!(r.completed, 1);
+    assert_eq!(d.used(0), (u32::from(head), 0));
+    let mut expected = f.clone();
+    expected[0] = 1;
+    assert_eq!(peer.recv(), expected);
+    let s = stats.snapshot();
+    assert_eq!((s.tx_frames, s.tx_malformed), (1, 0));
+}
