@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use ferrio_devices::virtio::features::VIRTIO_F_EVENT_IDX;
 use ferrio_devices::virtio::ring::read_config_bytes;
-use ferrio_devices::virtio::{device_type, ActivateError, Activation, VirtioDevice};
-use virtio_queue::QueueT;
+use ferrio_devices::virtio::{
+    device_type, queue_slots, required_queue, ActivateError, Activation, VirtioDevice,
+};
 use vm_memory::GuestMemory;
 
 use crate::domain::{Shared, State};
@@ -190,23 +191,10 @@ impl VirtioIommu {
             // The IOMMU's own queues are in guest-physical memory: nothing to track.
             dma: _,
         } = activation;
-        let (mut requests, mut events) = (None, None);
-        for queue in queues {
-            match queue.index {
-                REQUEST_QUEUE => requests = Some(queue),
-                EVENT_QUEUE => events = Some(queue),
-                other => {
-                    return Err(ActivateError::Invalid(format!(
-                        "virtio-iommu has no queue {other}"
-                    )))
-                }
-            }
-        }
-        let mut requests = requests.ok_or(ActivateError::MissingQueue(REQUEST_QUEUE))?;
-        let mut events = events.ok_or(ActivateError::MissingQueue(EVENT_QUEUE))?;
         let event_idx = self.acked_features & VIRTIO_F_EVENT_IDX != 0;
-        requests.queue.set_event_idx(event_idx);
-        events.queue.set_event_idx(event_idx);
+        let mut slots = queue_slots("virtio-iommu", queues, QUEUE_MAX_SIZES.len(), event_idx)?;
+        let requests = required_queue(&mut slots, REQUEST_QUEUE)?;
+        let events = required_queue(&mut slots, EVENT_QUEUE)?;
         let request_ctx = RequestCtx {
             map_unmap: self.acked_features & VIRTIO_IOMMU_F_MAP_UNMAP != 0,
             probe: self.acked_features & VIRTIO_IOMMU_F_PROBE != 0,

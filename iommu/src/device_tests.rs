@@ -1,14 +1,16 @@
 use std::sync::atomic::Ordering;
 
 use ferrio_devices::virtio::features::VIRTIO_F_VERSION_1;
-use ferrio_devices::virtio::ActiveQueue;
+use ferrio_devices::virtio::testing::{
+    activation, memory, ro, wait_for, wo, Driver, Mem, TestInterrupt,
+};
 use vm_memory::{Bytes, GuestAddress, IommuMemory, Permissions};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::fault::{FaultReason, FAULT_F_ADDRESS, FAULT_F_READ};
 use crate::request::{Status, MAP_F_READ};
-use crate::testing::{memory, req, ro, wait_for, wo, Driver, Mem, TestInterrupt};
+use crate::testing::req;
 
 const REQ_RING: u64 = 0x1000;
 const EVT_RING: u64 = 0x4000;
@@ -80,29 +82,13 @@ struct Running<'m> {
 fn activate<'m>(dev: &mut VirtioIommu, mem: &'m Mem) -> Running<'m> {
     let requests = Driver::new(mem, REQ_RING, 16);
     let events = Driver::new(mem, EVT_RING, 16);
-    let req_notify = EventFd::new(EFD_NONBLOCK).unwrap();
-    let evt_notify = EventFd::new(EFD_NONBLOCK).unwrap();
     let interrupt = Arc::new(TestInterrupt::default());
+    let queues = [(REQUEST_QUEUE, &requests), (EVENT_QUEUE, &events)];
+    let (act, kicks) = activation(mem, &queues, &interrupt);
+    let [req_notify, evt_notify] = <[EventFd; 2]>::try_from(kicks).unwrap();
     let features = VIRTIO_IOMMU_F_MAP_UNMAP | VIRTIO_IOMMU_F_PROBE | VIRTIO_F_EVENT_IDX;
     VirtioDevice::<Mem>::set_acked_features(dev, features);
-    dev.activate(Activation {
-        mem: mem.clone(),
-        queues: vec![
-            ActiveQueue {
-                index: REQUEST_QUEUE,
-                queue: requests.queue(),
-                notify: req_notify.try_clone().unwrap(),
-            },
-            ActiveQueue {
-                index: EVENT_QUEUE,
-                queue: events.queue(),
-                notify: evt_notify.try_clone().unwrap(),
-            },
-        ],
-        interrupt: interrupt.clone(),
-        dma: Default::default(),
-    })
-    .unwrap();
+    dev.activate(act).unwrap();
     Running {
         requests,
         events,
@@ -214,16 +200,8 @@ fn activation_needs_both_queues() {
     let mem = memory();
     let mut dev = VirtioIommu::new(IommuConfig::default());
     let requests = Driver::new(&mem, REQ_RING, 16);
-    let result = dev.activate(Activation {
-        mem: mem.clone(),
-        queues: vec![ActiveQueue {
-            index: REQUEST_QUEUE,
-            queue: requests.queue(),
-            notify: EventFd::new(EFD_NONBLOCK).unwrap(),
-        }],
-        interrupt: Arc::new(TestInterrupt::default()),
-        dma: Default::default(),
-    });
+    let irq = Arc::new(TestInterrupt::default());
+    let result = dev.activate(activation(&mem, &[(REQUEST_QUEUE, &requests)], &irq).0);
     assert!(matches!(result, Err(ActivateError::MissingQueue(1))));
     assert!(!dev.is_active());
 }

@@ -1,9 +1,6 @@
 use super::*;
 
-const RW: Access = Access {
-    read: true,
-    write: true,
-};
+const RW: Access = Access::READ_WRITE;
 
 fn state() -> (State, Arc<EndpointCore>, Arc<EndpointCore>) {
     let mut s = State::new((1, 100), 64);

@@ -1,19 +1,13 @@
+use ferrio_devices::virtio::testing::{memory, Mem};
 use vm_memory::{Bytes, GuestMemory, IommuMemory};
 
 use super::*;
 use crate::fault::FaultReason;
 use crate::mapping::Access;
-use crate::testing::{memory, Mem};
 use crate::{IommuConfig, VirtioIommu};
 
-const RW: Access = Access {
-    read: true,
-    write: true,
-};
-const RO: Access = Access {
-    read: true,
-    write: false,
-};
+const RW: Access = Access::READ_WRITE;
+const RO: Access = Access::READ_ONLY;
 const EP: u32 = 0x8;
 
 struct Setup {

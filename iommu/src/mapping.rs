@@ -29,6 +29,15 @@ pub struct Access {
 }
 
 impl Access {
+    pub const READ_ONLY: Access = Access {
+        read: true,
+        write: false,
+    };
+    pub const READ_WRITE: Access = Access {
+        read: true,
+        write: true,
+    };
+
     /// As `vm_memory` permissions.
     pub fn permissions(self) -> Permissions {
         match (self.read, self.write) {

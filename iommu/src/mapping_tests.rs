@@ -1,13 +1,7 @@
 use super::*;
 
-const RW: Access = Access {
-    read: true,
-    write: true,
-};
-const RO: Access = Access {
-    read: true,
-    write: false,
-};
+const RW: Access = Access::READ_WRITE;
+const RO: Access = Access::READ_ONLY;
 const PAGE: u64 = PAGE_SIZE;
 
 fn space() -> AddressSpace {

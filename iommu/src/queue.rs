@@ -6,22 +6,26 @@
 //! the tail (status) is the last 4 bytes of the writable part. A chain that cannot be
 //! parsed that far (broken, readable after writable, outside memory, writable part
 //! shorter than the tail or longer than any reply) is returned with used length 0 and
-//! nothing written (spec 5.13.6). Otherwise the whole writable part is written (zeroes, PROBE properties,
-//! the tail) and its length is the used length. Ring errors are [`RingError`]s: the
-//! device must then report DEVICE_NEEDS_RESET.
+//! nothing written (spec 5.13.6). Otherwise the whole writable part is written
+//! (zeroes, PROBE properties, the tail) and its length is the used length. Ring
+//! errors are [`RingError`]s: the device must then report DEVICE_NEEDS_RESET.
 //!
-//! Notification suppression follows the console device: drain with notifications
-//! disabled, re-enable, loop when buffers arrived meanwhile; interrupt once per batch
-//! when `needs_notification` says so (EVENT_IDX aware).
+//! Notification suppression is that of every device ([`ring::serve_batch`]): drain
+//! with notifications disabled, re-enable, loop when buffers arrived meanwhile;
+//! interrupt once per batch when [`ring::needs_notification`] says so (EVENT_IDX
+//! aware).
 
-use ferrio_devices::virtio::ring::{self, RingError};
+use ferrio_devices::virtio::ring::{self, RingError, Step};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemory, Permissions};
 
 use crate::domain::Shared;
 use crate::fault::{FaultQueue, FAULT_EVENT_SIZE};
 use crate::request::{self, Parsed, RequestCtx, Status, MAX_READABLE, TAIL_SIZE};
+
+/// The log prefix.
+const DEVICE: &str = "virtio-iommu";
 
 /// What one [`process_requests`] call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -56,31 +60,24 @@ pub(crate) fn process_requests<M: GuestMemory>(
 ) -> Result<RequestStats, RingError> {
     let mut stats = RequestStats::default();
     let mut descs = Vec::new();
-    loop {
-        queue
-            .disable_notification(mem)
-            .map_err(RingError::Notification)?;
-        while let Some(chain) = next_chain(queue, mem)? {
-            let head = chain.head_index();
-            let used = match serve(chain, mem, shared, ctx, &mut descs) {
-                Some(len) => len,
-                None => {
-                    stats.unparsable += 1;
-                    0
-                }
-            };
-            if complete(queue, mem, head, used)? {
-                stats.chains += 1;
+    ring::serve_batch(queue, mem, usize::MAX, |queue| {
+        let Some(chain) = ring::pop_chain(queue, mem)? else {
+            return Ok(Step::Empty);
+        };
+        let head = chain.head_index();
+        let used = match serve(chain, mem, shared, ctx, &mut descs) {
+            Some(len) => len,
+            None => {
+                stats.unparsable += 1;
+                0
             }
+        };
+        if ring::return_chain(DEVICE, queue, mem, head, used)? {
+            stats.chains += 1;
         }
-        if !queue
-            .enable_notification(mem)
-            .map_err(RingError::Notification)?
-        {
-            break;
-        }
-    }
-    stats.notify = stats.chains > 0 && notify(queue, mem)?;
+        Ok(Step::Next)
+    })?;
+    stats.notify = stats.chains > 0 && ring::needs_notification(queue, mem)?;
     Ok(stats)
 }
 
@@ -234,75 +231,40 @@ pub(crate) fn post_faults<M: GuestMemory>(
     let mut stats = EventStats::default();
     let mut descs = Vec::new();
     let mut used = 0;
-    while faults.peek().is_some() {
-        queue
-            .disable_notification(mem)
-            .map_err(RingError::Notification)?;
-        while let Some(fault) = faults.peek() {
-            let Some(chain) = next_chain(queue, mem)? else {
-                break;
-            };
-            let head = chain.head_index();
-            let written = match collect(chain, mem, &mut descs) {
-                Ok(0) if total_len(&descs) >= FAULT_EVENT_SIZE as u64 => {
-                    write_to(mem, &descs, &fault.to_bytes())
-                }
-                _ => false,
-            };
-            let len = if written {
-                faults.pop();
-                stats.posted += 1;
-                FAULT_EVENT_SIZE as u32
-            } else {
-                tracing::debug!("virtio-iommu: eventq buffer {head} unusable");
-                stats.invalid += 1;
-                0
-            };
-            if complete(queue, mem, head, len)? {
-                used += 1;
+    if faults.peek().is_none() {
+        return Ok(stats);
+    }
+    // Kicks stay enabled while faults wait for buffers.
+    ring::serve_batch(queue, mem, usize::MAX, |queue| {
+        let Some(fault) = faults.peek() else {
+            return Ok(Step::Done);
+        };
+        let Some(chain) = ring::pop_chain(queue, mem)? else {
+            return Ok(Step::Empty);
+        };
+        let head = chain.head_index();
+        let written = match collect(chain, mem, &mut descs) {
+            Ok(0) if total_len(&descs) >= FAULT_EVENT_SIZE as u64 => {
+                write_to(mem, &descs, &fault.to_bytes())
             }
+            _ => false,
+        };
+        let len = if written {
+            faults.pop();
+            stats.posted += 1;
+            FAULT_EVENT_SIZE as u32
+        } else {
+            tracing::debug!("virtio-iommu: eventq buffer {head} unusable");
+            stats.invalid += 1;
+            0
+        };
+        if ring::return_chain(DEVICE, queue, mem, head, len)? {
+            used += 1;
         }
-        // Ask for a kick if faults still wait for buffers; go on if some arrived.
-        let more = queue
-            .enable_notification(mem)
-            .map_err(RingError::Notification)?;
-        if !more {
-            break;
-        }
-    }
-    stats.notify = used > 0 && notify(queue, mem)?;
+        Ok(Step::Next)
+    })?;
+    stats.notify = used > 0 && ring::needs_notification(queue, mem)?;
     Ok(stats)
-}
-
-fn next_chain<'m, M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &'m M,
-) -> Result<Option<DescriptorChain<&'m M>>, RingError> {
-    ring::next_chain(queue, mem).map_err(RingError::AvailRing)
-}
-
-/// Returns chain `head` to the used ring; `false` when the head index is out of range
-/// (such a chain cannot be returned and is skipped).
-fn complete<M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &M,
-    head: u16,
-    len: u32,
-) -> Result<bool, RingError> {
-    if head >= queue.size() {
-        tracing::debug!("virtio-iommu: skipping chain with head index {head} out of range");
-        return Ok(false);
-    }
-    queue
-        .add_used(mem, head, len)
-        .map_err(RingError::UsedRing)?;
-    Ok(true)
-}
-
-fn notify<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<bool, RingError> {
-    queue
-        .needs_notification(mem)
-        .map_err(RingError::Notification)
 }
 
 #[cfg(test)]

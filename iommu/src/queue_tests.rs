@@ -1,14 +1,16 @@
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use ferrio_devices::virtio::testing::{memory, ro, wo, Buf, Driver, Mem, MEM_SIZE};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
+use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
 
 use super::*;
 use crate::domain::State;
 use crate::fault::{Fault, FaultReason};
 use crate::request::{MAP_F_READ, MAP_F_WRITE};
-use crate::testing::{memory, req, ro, wo, Buf, Driver, Mem};
+use crate::testing::req;
 
 const CTX: RequestCtx = RequestCtx {
     map_unmap: true,
@@ -200,7 +202,7 @@ fn unparsable_chains_are_returned_unwritten() {
         vec![h.readable(&r), h.writable(3)],
         vec![h.writable(4), h.readable(&r)],
         vec![h.readable(&r), h.writable(64 + 4 + 1)],
-        vec![h.readable(&r), wo(crate::testing::MEM_SIZE - 2, 4)],
+        vec![h.readable(&r), wo(MEM_SIZE - 2, 4)],
     ];
     for (i, bufs) in cases.iter().enumerate() {
         h.driver.add(bufs);

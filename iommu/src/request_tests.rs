@@ -166,61 +166,40 @@ fn detach_statuses() {
 #[test]
 fn map_unmap_statuses() {
     let s = shared();
-    assert_eq!(
-        run(&s, &req::map(1, 0x1000, 0x1fff, 0, MAP_F_READ)),
-        Status::NoEnt
-    );
-    assert_eq!(run(&s, &req::unmap(1, 0x1000, 0x1fff)), Status::NoEnt);
-    assert_eq!(run(&s, &req::attach(1, 0x8)), Status::Ok);
-    // Unaligned start, end + 1 or phys; beyond 48 bits.
-    assert_eq!(
-        run(&s, &req::map(1, 0x1200, 0x1fff, 0, MAP_F_READ)),
-        Status::Range
-    );
-    assert_eq!(
-        run(&s, &req::map(1, 0x1000, 0x1ffe, 0, MAP_F_READ)),
-        Status::Range
-    );
-    assert_eq!(
-        run(&s, &req::map(1, 0x1000, 0x1fff, 0x800, MAP_F_READ)),
-        Status::Range
-    );
-    assert_eq!(
-        run(&s, &req::map(1, 1 << 48, (1 << 48) + 0xfff, 0, MAP_F_READ)),
-        Status::Range
-    );
-    // virt_end < virt_start; unknown or unnegotiated flags.
-    assert_eq!(
-        run(&s, &req::map(1, 0x2000, 0xfff, 0, MAP_F_READ)),
-        Status::Inval
-    );
-    assert_eq!(
-        run(&s, &req::map(1, 0x1000, 0x1fff, 0, MAP_F_MMIO)),
-        Status::Inval
-    );
-    assert_eq!(
-        run(&s, &req::map(1, 0x1000, 0x1fff, 0, 1 << 7)),
-        Status::Inval
-    );
-    // The MSI doorbell is reserved.
-    assert_eq!(
-        run(&s, &req::map(1, 0xfee0_0000, 0xfee0_0fff, 0, MAP_F_WRITE)),
-        Status::Inval
-    );
-    assert_eq!(
-        run(
-            &s,
-            &req::map(1, 0x1000, 0x2fff, 0x9000, MAP_F_READ | MAP_F_WRITE)
+    let rw = MAP_F_READ | MAP_F_WRITE;
+    let steps = [
+        (req::map(1, 0x1000, 0x1fff, 0, MAP_F_READ), Status::NoEnt),
+        (req::unmap(1, 0x1000, 0x1fff), Status::NoEnt),
+        (req::attach(1, 0x8), Status::Ok),
+        // Unaligned start, end + 1 or phys; beyond 48 bits.
+        (req::map(1, 0x1200, 0x1fff, 0, MAP_F_READ), Status::Range),
+        (req::map(1, 0x1000, 0x1ffe, 0, MAP_F_READ), Status::Range),
+        (
+            req::map(1, 0x1000, 0x1fff, 0x800, MAP_F_READ),
+            Status::Range,
         ),
-        Status::Ok
-    );
-    assert_eq!(
-        run(&s, &req::map(1, 0x2000, 0x3fff, 0, MAP_F_READ)),
-        Status::Inval
-    );
-    assert_eq!(run(&s, &req::unmap(1, 0x1000, 0x1fff)), Status::Range);
-    assert_eq!(run(&s, &req::unmap(1, 0x0, 0x3fff)), Status::Ok);
-    assert_eq!(run(&s, &req::unmap(1, 0x0, 0x3fff)), Status::Ok);
+        (
+            req::map(1, 1 << 48, (1 << 48) + 0xfff, 0, MAP_F_READ),
+            Status::Range,
+        ),
+        // virt_end < virt_start; unknown or unnegotiated flags.
+        (req::map(1, 0x2000, 0xfff, 0, MAP_F_READ), Status::Inval),
+        (req::map(1, 0x1000, 0x1fff, 0, MAP_F_MMIO), Status::Inval),
+        (req::map(1, 0x1000, 0x1fff, 0, 1 << 7), Status::Inval),
+        // The MSI doorbell is reserved.
+        (
+            req::map(1, 0xfee0_0000, 0xfee0_0fff, 0, MAP_F_WRITE),
+            Status::Inval,
+        ),
+        (req::map(1, 0x1000, 0x2fff, 0x9000, rw), Status::Ok),
+        (req::map(1, 0x2000, 0x3fff, 0, MAP_F_READ), Status::Inval),
+        (req::unmap(1, 0x1000, 0x1fff), Status::Range),
+        (req::unmap(1, 0x0, 0x3fff), Status::Ok),
+        (req::unmap(1, 0x0, 0x3fff), Status::Ok),
+    ];
+    for (i, (request, want)) in steps.iter().enumerate() {
+        assert_eq!(run(&s, request), *want, "step {i}");
+    }
 }
 
 #[test]

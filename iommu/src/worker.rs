@@ -3,11 +3,10 @@
 //! the [`crate::queue`] functions.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use ferrio_devices::virtio::ring::RingError;
+use ferrio_devices::virtio::worker_util::{pollin, Wake, WorkerBase, WorkerThread};
 use ferrio_devices::virtio::{ActiveQueue, VirtioInterrupt};
 use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -29,8 +28,7 @@ pub(crate) struct WorkerCtx<M> {
 
 /// A running worker thread.
 pub(crate) struct Worker {
-    kill: EventFd,
-    handle: JoinHandle<()>,
+    thread: WorkerThread<()>,
     shared: Arc<Shared>,
 }
 
@@ -38,28 +36,20 @@ impl Worker {
     /// Starts the `virtio-iommu` thread; endpoints wake it from now on when they
     /// record a fault.
     pub fn spawn<M: GuestMemory + Send + 'static>(ctx: WorkerCtx<M>) -> io::Result<Worker> {
-        let kill = EventFd::new(EFD_NONBLOCK)?;
-        let worker_kill = kill.try_clone()?;
         let fault_wake = EventFd::new(EFD_NONBLOCK)?;
         let shared = ctx.shared.clone();
         shared.faults.set_waker(Some(fault_wake.try_clone()?));
-        let spawned = std::thread::Builder::new()
-            .name("virtio-iommu".into())
-            .spawn(move || {
-                WorkerLoop {
-                    ctx,
-                    kill: worker_kill,
-                    fault_wake,
-                    failed: false,
-                }
-                .run()
-            });
+        let interrupt = ctx.interrupt.clone();
+        let spawned = WorkerThread::spawn("virtio-iommu".into(), interrupt, move |base| {
+            WorkerLoop {
+                ctx,
+                base,
+                fault_wake,
+            }
+            .run()
+        });
         match spawned {
-            Ok(handle) => Ok(Worker {
-                kill,
-                handle,
-                shared,
-            }),
+            Ok(thread) => Ok(Worker { thread, shared }),
             Err(e) => {
                 shared.faults.set_waker(None);
                 Err(e)
@@ -70,22 +60,14 @@ impl Worker {
     /// Stops the thread and waits for it.
     pub fn stop(self) {
         self.shared.faults.set_waker(None);
-        if let Err(e) = self.kill.write(1) {
-            tracing::error!("virtio-iommu: cannot signal the worker to stop: {e}");
-        }
-        if self.handle.join().is_err() {
-            tracing::error!("virtio-iommu: worker thread panicked");
-        }
+        self.thread.stop();
     }
 }
 
 struct WorkerLoop<M> {
     ctx: WorkerCtx<M>,
-    kill: EventFd,
+    base: WorkerBase,
     fault_wake: EventFd,
-    /// A ring error was reported (DEVICE_NEEDS_RESET): the queues are left alone until
-    /// the reset.
-    failed: bool,
 }
 
 impl<M: GuestMemory> WorkerLoop<M> {
@@ -95,35 +77,25 @@ impl<M: GuestMemory> WorkerLoop<M> {
         self.process_requests();
         self.post_faults();
         loop {
-            let queues = !self.failed;
+            let queues = !self.base.failed();
             let mut fds = [
-                pollfd(Some(self.kill.as_raw_fd())),
-                pollfd(queues.then(|| self.ctx.requests.notify.as_raw_fd())),
-                pollfd(queues.then(|| self.ctx.events.notify.as_raw_fd())),
-                pollfd(queues.then(|| self.fault_wake.as_raw_fd())),
+                self.base.kill_pollfd(),
+                pollin(queues.then(|| self.ctx.requests.notify.as_raw_fd())),
+                pollin(queues.then(|| self.ctx.events.notify.as_raw_fd())),
+                pollin(queues.then(|| self.fault_wake.as_raw_fd())),
             ];
-            // SAFETY: `fds` is a valid, writable array of `fds.len()` pollfd structs that
-            // lives across the call; poll only writes their `revents` fields.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                tracing::error!("virtio-iommu: poll failed: {e}; worker stops");
-                self.ctx.interrupt.device_error();
-                break;
-            }
-            if fds[0].revents != 0 {
-                break;
+            match self.base.wait(&mut fds, -1) {
+                Wake::Ready => {}
+                Wake::Retry => continue,
+                Wake::Stop => break,
             }
             if fds[1].revents != 0 {
-                drain(&self.ctx.requests.notify);
+                self.base.drain(&self.ctx.requests.notify);
                 self.process_requests();
             }
             if fds[2].revents != 0 || fds[3].revents != 0 {
-                drain(&self.ctx.events.notify);
-                drain(&self.fault_wake);
+                self.base.drain(&self.ctx.events.notify);
+                self.base.drain(&self.fault_wake);
                 self.post_faults();
             }
         }
@@ -131,7 +103,7 @@ impl<M: GuestMemory> WorkerLoop<M> {
     }
 
     fn process_requests(&mut self) {
-        if self.failed {
+        if self.base.failed() {
             return;
         }
         let ctx = &mut self.ctx;
@@ -149,15 +121,15 @@ impl<M: GuestMemory> WorkerLoop<M> {
                     );
                 }
                 if stats.notify {
-                    self.signal(REQUEST_QUEUE);
+                    self.base.signal(REQUEST_QUEUE);
                 }
             }
-            Err(e) => self.fail(e),
+            Err(e) => self.base.fail(&e),
         }
     }
 
     fn post_faults(&mut self) {
-        if self.failed {
+        if self.base.failed() {
             return;
         }
         let ctx = &mut self.ctx;
@@ -170,40 +142,10 @@ impl<M: GuestMemory> WorkerLoop<M> {
                     );
                 }
                 if stats.notify {
-                    self.signal(EVENT_QUEUE);
+                    self.base.signal(EVENT_QUEUE);
                 }
             }
-            Err(e) => self.fail(e),
-        }
-    }
-
-    fn signal(&self, queue: u16) {
-        if let Err(e) = self.ctx.interrupt.signal_queue(queue) {
-            tracing::warn!("virtio-iommu: cannot signal queue {queue}: {e}");
-        }
-    }
-
-    fn fail(&mut self, e: RingError) {
-        tracing::error!("virtio-iommu: {e}; the device needs a reset");
-        self.failed = true;
-        self.ctx.interrupt.device_error();
-    }
-}
-
-/// A pollfd waiting for input on `fd`; a negative fd (ignored by poll) for `None`.
-fn pollfd(fd: Option<RawFd>) -> libc::pollfd {
-    libc::pollfd {
-        fd: fd.unwrap_or(-1),
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-/// Consumes an eventfd's counter (nothing to do if it is already zero).
-fn drain(fd: &EventFd) {
-    if let Err(e) = fd.read() {
-        if e.kind() != io::ErrorKind::WouldBlock {
-            tracing::warn!("virtio-iommu: cannot read an eventfd: {e}");
+            Err(e) => self.base.fail(&e),
         }
     }
 }

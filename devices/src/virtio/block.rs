@@ -49,7 +49,8 @@ pub use self::uring::UringError;
 use self::uring::UringRing;
 use self::worker::{EngineSetup, Worker, WorkerCtx};
 use super::features::{VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC};
-use super::{device_type, ActivateError, Activation, VirtioDevice};
+use super::worker_util::stop_all;
+use super::{device_type, queue_slots, ActivateError, Activation, VirtioDevice};
 
 /// Most queues a device may have (one worker thread each).
 pub const MAX_QUEUES: u16 = 64;
@@ -324,20 +325,10 @@ impl VirtioBlock {
             interrupt,
             dma,
         } = activation;
-        if queues.is_empty() {
+        let event_idx = self.acked_features & VIRTIO_F_EVENT_IDX != 0;
+        let slots = queue_slots("virtio-blk", queues, self.queue_sizes.len(), event_idx)?;
+        if slots.iter().all(Option::is_none) {
             return Err(ActivateError::MissingQueue(0));
-        }
-        let mut seen = vec![false; self.queue_sizes.len()];
-        for queue in &queues {
-            match seen.get_mut(usize::from(queue.index)) {
-                Some(seen) if !*seen => *seen = true,
-                _ => {
-                    return Err(ActivateError::Invalid(format!(
-                        "virtio-blk: unexpected queue {}",
-                        queue.index
-                    )))
-                }
-            }
         }
         let disk = Arc::new(Disk {
             backend: self.backend.clone(),
@@ -347,14 +338,12 @@ impl VirtioBlock {
             limits: self.limits,
             features: self.acked_features,
         });
-        let event_idx = self.acked_features & VIRTIO_F_EVENT_IDX != 0;
-        let mut workers = Vec::with_capacity(queues.len());
-        for mut queue in queues {
-            queue.queue.set_event_idx(event_idx);
+        let mut workers = Vec::new();
+        for queue in slots.into_iter().flatten() {
             let engine = match self.engine_setup(queue.queue.size()) {
                 Ok(engine) => engine,
                 Err(e) => {
-                    workers.into_iter().for_each(Worker::stop);
+                    stop_all(workers);
                     return Err(ActivateError::Worker(std::io::Error::other(e)));
                 }
             };
@@ -366,10 +355,10 @@ impl VirtioBlock {
                 engine,
                 dma: dma.clone(),
             };
-            match Worker::spawn(ctx) {
+            match worker::spawn(ctx) {
                 Ok(worker) => workers.push(worker),
                 Err(e) => {
-                    workers.into_iter().for_each(Worker::stop);
+                    stop_all(workers);
                     return Err(ActivateError::Worker(e));
                 }
             }
@@ -396,7 +385,7 @@ impl VirtioBlock {
     /// Stops the workers, if any, and waits for them.
     fn stop(&mut self) {
         if let State::Active(workers) = std::mem::replace(&mut self.state, State::Inactive) {
-            workers.into_iter().for_each(Worker::stop);
+            stop_all(workers);
         }
     }
 }

@@ -26,12 +26,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use virtio_queue::QueueT;
 use vm_memory::GuestMemory;
 
 use self::worker::{HostInput, Worker, WorkerCtx};
 use super::features::VIRTIO_F_EVENT_IDX;
-use super::{device_type, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
+use super::{
+    device_type, queue_slots, required_queue, ActivateError, Activation, VirtioDevice,
+    VirtioInterrupt,
+};
 
 /// The device reports `cols` and `rows` in its configuration space.
 pub const VIRTIO_CONSOLE_F_SIZE: u64 = 1 << 0;
@@ -223,24 +225,11 @@ impl VirtioConsole {
             interrupt,
             dma,
         } = activation;
-        let (mut rx, mut tx) = (None, None);
-        for queue in queues {
-            match queue.index {
-                RX_QUEUE => rx = Some(queue),
-                TX_QUEUE => tx = Some(queue),
-                other => {
-                    return Err(ActivateError::Invalid(format!(
-                        "virtio-console has no queue {other}"
-                    )))
-                }
-            }
-        }
-        let mut rx = rx.ok_or(ActivateError::MissingQueue(RX_QUEUE))?;
-        let mut tx = tx.ok_or(ActivateError::MissingQueue(TX_QUEUE))?;
         let event_idx = self.acked_features & VIRTIO_F_EVENT_IDX != 0;
-        rx.queue.set_event_idx(event_idx);
-        tx.queue.set_event_idx(event_idx);
-        let worker = Worker::spawn(WorkerCtx {
+        let mut slots = queue_slots("virtio-console", queues, QUEUE_MAX_SIZES.len(), event_idx)?;
+        let rx = required_queue(&mut slots, RX_QUEUE)?;
+        let tx = required_queue(&mut slots, TX_QUEUE)?;
+        let worker = worker::spawn(WorkerCtx {
             mem,
             rx,
             tx,
@@ -261,7 +250,7 @@ impl VirtioConsole {
         }
         let state = std::mem::replace(&mut self.state, State::Inactive(HostInput::default()));
         if let State::Active { worker, .. } = state {
-            self.state = State::Inactive(worker.stop());
+            self.state = State::Inactive(worker.stop().unwrap_or_default());
         }
     }
 

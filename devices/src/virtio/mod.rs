@@ -13,11 +13,13 @@ pub mod dma_hold;
 pub mod iov;
 pub mod net;
 pub mod ring;
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
+pub mod worker_util;
 
 use std::sync::Arc;
 
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaTracker;
@@ -97,6 +99,44 @@ pub enum ActivateError {
     Invalid(String),
 }
 
+/// An activation's queues by index: `slots[i]` holds queue `i` if the driver enabled
+/// it, with VIRTIO_F_EVENT_IDX set as negotiated. A queue index past `n` or given twice
+/// is refused.
+pub fn queue_slots(
+    device: &str,
+    queues: Vec<ActiveQueue>,
+    n: usize,
+    event_idx: bool,
+) -> Result<Vec<Option<ActiveQueue>>, ActivateError> {
+    let mut slots: Vec<Option<ActiveQueue>> = (0..n).map(|_| None).collect();
+    for mut queue in queues {
+        let index = queue.index;
+        match slots.get_mut(usize::from(index)) {
+            Some(slot @ None) => {
+                queue.queue.set_event_idx(event_idx);
+                *slot = Some(queue);
+            }
+            _ => {
+                return Err(ActivateError::Invalid(format!(
+                    "{device} has no queue {index}, or got it twice"
+                )))
+            }
+        }
+    }
+    Ok(slots)
+}
+
+/// Takes queue `index` out of [`queue_slots`]' answer; the device needs it.
+pub fn required_queue(
+    slots: &mut [Option<ActiveQueue>],
+    index: u16,
+) -> Result<ActiveQueue, ActivateError> {
+    slots
+        .get_mut(usize::from(index))
+        .and_then(Option::take)
+        .ok_or(ActivateError::MissingQueue(index))
+}
+
 /// A virtio device, independent of its transport.
 pub trait VirtioDevice<M>: Send {
     /// Device type id ([`device_type`]).
@@ -118,4 +158,38 @@ pub trait VirtioDevice<M>: Send {
     /// Stops the device: when it returns, no worker touches guest memory or the queues
     /// any more, and the device can be activated again.
     fn reset(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::{activation, memory, Driver, TestInterrupt};
+
+    #[test]
+    fn queue_slots_sort_by_index_and_refuse_strays() {
+        let mem = memory();
+        let irq = Arc::new(TestInterrupt::default());
+        let (a, b) = (Driver::new(&mem, 0, 16), Driver::new(&mem, 0x1000, 16));
+        let queues = |list: &[(u16, &Driver)]| activation(&mem, list, &irq).0.queues;
+
+        let mut slots = queue_slots("test", queues(&[(2, &a), (0, &b)]), 3, true).unwrap();
+        assert_eq!(slots.len(), 3);
+        assert!(slots[1].is_none());
+        let q2 = required_queue(&mut slots, 2).unwrap();
+        assert_eq!(q2.index, 2);
+        assert!(q2.queue.event_idx_enabled());
+        assert!(matches!(
+            required_queue(&mut slots, 2),
+            Err(ActivateError::MissingQueue(2))
+        ));
+        assert!(matches!(
+            required_queue(&mut slots, 7),
+            Err(ActivateError::MissingQueue(7))
+        ));
+
+        for list in [&[(3, &a)][..], &[(1, &a), (1, &b)][..]] {
+            let result = queue_slots("test", queues(list), 3, false);
+            assert!(matches!(result, Err(ActivateError::Invalid(_))));
+        }
+    }
 }

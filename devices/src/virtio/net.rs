@@ -35,7 +35,6 @@ mod tests;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
-use virtio_queue::QueueT;
 use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -46,7 +45,10 @@ use self::pairs::{AttachState, Pairs};
 use self::rx::RxParams;
 pub use self::stats::{NetCounters, NetStats};
 use self::worker::{CtrlQueue, Worker, WorkerCtx};
-use super::{device_type, ActivateError, Activation, ActiveQueue, VirtioDevice};
+use super::worker_util::stop_all;
+use super::{
+    device_type, queue_slots, required_queue, ActivateError, Activation, ActiveQueue, VirtioDevice,
+};
 
 /// Largest queue size the device accepts.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -139,9 +141,7 @@ impl VirtioNet {
     }
 
     fn stop(&mut self) {
-        for worker in self.workers.drain(..) {
-            worker.stop();
-        }
+        stop_all(self.workers.drain(..));
     }
 
     fn start<M: GuestMemory + Clone + Send + 'static>(
@@ -167,7 +167,8 @@ impl VirtioNet {
             dma,
         } = activation;
         let layout = Layout::new(neg, self.max_pairs);
-        let (mut data, ctrl) = layout.sort(queues, neg.event_idx)?;
+        let slots = queue_slots("virtio-net", queues, self.queue_sizes.len(), neg.event_idx)?;
+        let (mut data, ctrl) = layout.sort(slots)?;
 
         let present: Vec<bool> = data.iter().map(Option::is_some).collect();
         let mut wakes = Vec::with_capacity(data.len());
@@ -226,7 +227,7 @@ impl VirtioNet {
                 interrupt: interrupt.clone(),
                 dma: dma.clone(),
             };
-            match Worker::spawn(ctx) {
+            match worker::spawn(ctx) {
                 Ok(w) => self.workers.push(w),
                 Err(e) => {
                     self.stop();
@@ -263,35 +264,28 @@ impl Layout {
         }
     }
 
-    /// Sorts the enabled queues into pairs and the control queue; pair 0 (and the
-    /// control queue, when negotiated) must be there. Queues outside the layout are
-    /// ignored.
+    /// Sorts the enabled queues (by index, from [`queue_slots`]) into pairs and the
+    /// control queue; pair 0 (and the control queue, when negotiated) must be there.
+    /// Queues outside the layout are ignored.
     fn sort(
         &self,
-        queues: Vec<ActiveQueue>,
-        event_idx: bool,
+        mut slots: Vec<Option<ActiveQueue>>,
     ) -> Result<(PairQueues, Option<ActiveQueue>), ActivateError> {
         let n = usize::from(self.pairs);
-        let mut slots: Vec<Option<ActiveQueue>> = (0..2 * n).map(|_| None).collect();
-        let mut ctrl = None;
-        for mut q in queues {
-            q.queue.set_event_idx(event_idx);
-            let index = q.index;
-            if Some(index) == self.ctrl {
-                ctrl = Some(q);
-            } else if let Some(slot) = slots.get_mut(usize::from(index)) {
-                *slot = Some(q);
-            } else {
-                tracing::debug!("virtio-net: queue {index} is not used with these features");
-            }
-        }
         for required in [0, 1] {
-            if slots[required].is_none() {
+            if slots.get(required).is_none_or(Option::is_none) {
                 return Err(ActivateError::MissingQueue(required as u16));
             }
         }
-        if let (Some(index), None) = (self.ctrl, &ctrl) {
-            return Err(ActivateError::MissingQueue(index));
+        let ctrl = self
+            .ctrl
+            .map(|index| required_queue(&mut slots, index))
+            .transpose()?;
+        for q in slots.drain((2 * n).min(slots.len())..).flatten() {
+            tracing::debug!(
+                "virtio-net: queue {} is not used with these features",
+                q.index
+            );
         }
         let mut pairs = Vec::with_capacity(n);
         let mut it = slots.into_iter();

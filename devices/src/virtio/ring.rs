@@ -70,6 +70,96 @@ pub fn pop_chain<'m, M: GuestMemory>(
     Ok(Some(chain))
 }
 
+/// What one step of [`serve_batch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// It served a chain: call again.
+    Next,
+    /// The ring is empty: notifications are re-enabled, and serving goes on if the
+    /// driver published more meanwhile.
+    Empty,
+    /// Nothing more to serve (no input left for the ring): notifications are
+    /// re-enabled and the batch ends.
+    Done,
+    /// The batch ends now with notifications still disabled (budget spent, no room on
+    /// the host side): the caller comes back.
+    Pause,
+}
+
+/// Serves `queue` in one batch: `step` runs (and pops its chain itself) with driver
+/// notifications disabled until it answers anything but [`Step::Next`]. After
+/// [`Step::Empty`] and [`Step::Done`] notifications are re-enabled, and after
+/// [`Step::Empty`] the batch goes on if the driver published buffers meanwhile, so no
+/// kick is lost. After `budget` [`Step::Next`]s the batch ends as after [`Step::Pause`];
+/// `true` then says so (chains may be left).
+pub fn serve_batch<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    budget: usize,
+    mut step: impl FnMut(&mut Queue) -> Result<Step, RingError>,
+) -> Result<bool, RingError> {
+    let mut served = 0;
+    loop {
+        queue
+            .disable_notification(mem)
+            .map_err(RingError::Notification)?;
+        let last = loop {
+            match step(queue)? {
+                Step::Next => {
+                    served += 1;
+                    if served >= budget {
+                        return Ok(true);
+                    }
+                }
+                Step::Pause => return Ok(false),
+                last => break last,
+            }
+        };
+        let more = queue
+            .enable_notification(mem)
+            .map_err(RingError::Notification)?;
+        if !more || last == Step::Done {
+            return Ok(false);
+        }
+    }
+}
+
+/// Puts chain `head` in the used ring with `len` bytes written.
+pub fn add_used<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    head: u16,
+    len: u32,
+) -> Result<(), RingError> {
+    queue.add_used(mem, head, len).map_err(RingError::UsedRing)
+}
+
+/// [`add_used`] for a chain [`pop_chain`] left to the device: `false` when the head
+/// index is out of range (such a chain cannot be returned; it is skipped and logged for
+/// `device`).
+pub fn return_chain<M: GuestMemory>(
+    device: &str,
+    queue: &mut Queue,
+    mem: &M,
+    head: u16,
+    len: u32,
+) -> Result<bool, RingError> {
+    if head >= queue.size() {
+        tracing::debug!("{device}: skipping chain with head index {head} out of range");
+        return Ok(false);
+    }
+    add_used(queue, mem, head, len)?;
+    Ok(true)
+}
+
+/// Whether the driver must be interrupted for the used buffers added since the last
+/// interrupt (EVENT_IDX aware).
+pub fn needs_notification<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<bool, RingError> {
+    queue
+        .needs_notification(mem)
+        .map_err(RingError::Notification)
+}
+
 /// Copies `data.len()` bytes of a device config space starting at `offset`; bytes past
 /// its end read as 0.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
@@ -85,6 +175,94 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::testing::{memory, ro, Driver};
+
+    /// VRING_USED_F_NO_NOTIFY: the device asks not to be notified.
+    const NO_NOTIFY: u16 = 1;
+
+    #[test]
+    fn a_batch_serves_what_the_driver_publishes_meanwhile() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, 0x1000, 8);
+        let mut q = d.queue();
+        d.add(&[ro(0x10_0000, 16)]);
+        let mut served = Vec::new();
+        let mut late = true;
+        serve_batch(&mut q, &mem, usize::MAX, |q| {
+            assert_eq!(
+                d.used_flags(),
+                NO_NOTIFY,
+                "notifications disabled while serving"
+            );
+            let Some(chain) = pop_chain(q, &mem)? else {
+                if std::mem::take(&mut late) {
+                    // Published after the ring ran dry, before notifications are back.
+                    d.add(&[ro(0x10_0000, 16)]);
+                }
+                return Ok(Step::Empty);
+            };
+            served.push(chain.head_index());
+            add_used(q, &mem, chain.head_index(), 0)?;
+            Ok(Step::Next)
+        })
+        .unwrap();
+        assert_eq!(served, [0, 1]);
+        assert_eq!(d.used_idx(), 2);
+        assert_eq!(d.used_flags(), 0, "notifications enabled after the batch");
+    }
+
+    #[test]
+    fn pause_keeps_notifications_off_and_done_ends_the_batch() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, 0x1000, 8);
+        let mut q = d.queue();
+        d.add(&[ro(0x10_0000, 16)]);
+        d.add(&[ro(0x10_0000, 16)]);
+        let mut calls = 0;
+        serve_batch(&mut q, &mem, usize::MAX, |q| {
+            calls += 1;
+            pop_chain(q, &mem)?.unwrap();
+            Ok(Step::Pause)
+        })
+        .unwrap();
+        assert_eq!((calls, q.next_avail()), (1, 1));
+        assert_eq!(d.used_flags(), NO_NOTIFY);
+        // A published chain is left alone after Done, with notifications back on.
+        assert!(!serve_batch(&mut q, &mem, usize::MAX, |_| Ok(Step::Done)).unwrap());
+        assert_eq!((q.next_avail(), d.used_flags()), (1, 0));
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_budget() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, 0x1000, 8);
+        let mut q = d.queue();
+        for _ in 0..3 {
+            d.add(&[ro(0x10_0000, 16)]);
+        }
+        let mut pop = |q: &mut Queue| {
+            Ok(match pop_chain(q, &mem)? {
+                Some(_) => Step::Next,
+                None => Step::Empty,
+            })
+        };
+        assert!(serve_batch(&mut q, &mem, 2, &mut pop).unwrap());
+        assert_eq!((q.next_avail(), d.used_flags()), (2, NO_NOTIFY));
+        assert!(!serve_batch(&mut q, &mem, 2, &mut pop).unwrap());
+        assert_eq!((q.next_avail(), d.used_flags()), (3, 0));
+    }
+
+    #[test]
+    fn chains_with_a_head_out_of_range_are_skipped() {
+        let mem = memory();
+        let d = Driver::new(&mem, 0x1000, 8);
+        let mut q = d.queue();
+        assert!(!return_chain("test", &mut q, &mem, 8, 5).unwrap());
+        assert_eq!(d.used_idx(), 0);
+        assert!(add_used(&mut q, &mem, 8, 5).is_err());
+        assert!(return_chain("test", &mut q, &mem, 7, 5).unwrap());
+        assert_eq!((d.used_idx(), d.used(0)), (1, (7, 5)));
+    }
 
     #[test]
     fn config_reads_are_bounded() {

@@ -1,11 +1,15 @@
 //! Test support shared by the virtio device tests: guest memory (plain, or behind a
-//! test IOMMU: [`IoMem`]), a hand-built split ring driver ([`Driver`]), an interrupt
-//! counter and a polling helper.
+//! test IOMMU: [`IoMem`]) with [`put`]/[`get`], a hand-built split ring driver
+//! ([`Driver`]), [`activation`]s of its queues, an interrupt counter and a polling
+//! helper. Other crates' tests get it with the `test-utils`
+//! feature.
 
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -15,29 +19,93 @@ use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Iotlb, Permissions,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::dma::DmaTracker;
-use crate::virtio::VirtioInterrupt;
+use crate::virtio::{Activation, ActiveQueue, VirtioInterrupt};
 
 /// Guest memory of the tests: 16 MiB from 0.
-pub(crate) type Mem = GuestMemoryMmap<()>;
+pub type Mem = GuestMemoryMmap<()>;
 
-pub(crate) const MEM_SIZE: u64 = 16 << 20;
+pub const MEM_SIZE: u64 = 16 << 20;
 
-pub(crate) fn memory() -> Mem {
+pub fn memory() -> Mem {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+}
+
+/// Test memory as the driver sees it: guest-physical, around any IOMMU.
+pub trait Physical {
+    fn physical(&self) -> &Mem;
+}
+
+impl Physical for Mem {
+    fn physical(&self) -> &Mem {
+        self
+    }
+}
+
+impl Physical for IoMem {
+    fn physical(&self) -> &Mem {
+        self.get_backend()
+    }
+}
+
+/// Writes `bytes` at guest-physical `addr`.
+pub fn put(mem: &impl Physical, addr: u64, bytes: &[u8]) {
+    mem.physical()
+        .write_slice(bytes, GuestAddress(addr))
+        .unwrap();
+}
+
+/// Reads `len` bytes at guest-physical `addr`.
+pub fn get(mem: &impl Physical, addr: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    mem.physical()
+        .read_slice(&mut v, GuestAddress(addr))
+        .unwrap();
+    v
+}
+
+/// An activation of the queues of `drivers` (queue index, driver) over `mem`, DMA
+/// untracked (set `dma` for a device behind an IOMMU); also the test's handle on each
+/// queue's notify eventfd, in order.
+pub fn activation<M: Clone>(
+    mem: &M,
+    drivers: &[(u16, &Driver)],
+    irq: &Arc<TestInterrupt>,
+) -> (Activation<M>, Vec<EventFd>) {
+    let mut kicks = Vec::new();
+    let queues = drivers
+        .iter()
+        .map(|&(index, d)| {
+            let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+            kicks.push(notify.try_clone().unwrap());
+            ActiveQueue {
+                index,
+                queue: d.queue(),
+                notify,
+            }
+        })
+        .collect();
+    let act = Activation {
+        mem: mem.clone(),
+        queues,
+        interrupt: irq.clone(),
+        dma: DmaTracker::default(),
+    };
+    (act, kicks)
 }
 
 /// A buffer descriptor as the test driver publishes it.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Buf {
+pub struct Buf {
     pub addr: u64,
     pub len: u32,
     pub write: bool,
 }
 
 /// A device-readable buffer.
-pub(crate) fn ro(addr: u64, len: u32) -> Buf {
+pub fn ro(addr: u64, len: u32) -> Buf {
     Buf {
         addr,
         len,
@@ -46,7 +114,7 @@ pub(crate) fn ro(addr: u64, len: u32) -> Buf {
 }
 
 /// A device-writable buffer.
-pub(crate) fn wo(addr: u64, len: u32) -> Buf {
+pub fn wo(addr: u64, len: u32) -> Buf {
     Buf {
         addr,
         len,
@@ -62,7 +130,7 @@ pub(crate) fn wo(addr: u64, len: u32) -> Buf {
 /// 0.18 it places the used ring inside the available ring (`SplitQueueRing::end()`
 /// counts elements as bytes; rust-vmm/vm-virtio#400), so writing the used flags
 /// clobbers avail entries from size/2 on.
-pub(crate) struct Driver<'a> {
+pub struct Driver<'a> {
     mem: &'a Mem,
     size: u16,
     desc_table: GuestAddress,
@@ -185,7 +253,7 @@ impl<'a> Driver<'a> {
 
 /// Counts what the device signals.
 #[derive(Default)]
-pub(crate) struct TestInterrupt {
+pub struct TestInterrupt {
     /// Signals per queue (queues 0 to 7).
     pub queue: [AtomicUsize; 8],
     pub config: AtomicUsize,
@@ -213,7 +281,7 @@ impl VirtioInterrupt for TestInterrupt {
 }
 
 /// Polls `cond` for up to 10 s.
-pub(crate) fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -221,14 +289,25 @@ pub(crate) fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// An IOMMU UNMAP's wait on another thread; the receiver hears when it returned.
+pub fn unmap_wait(dma: &DmaTracker) -> (Receiver<()>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let dma = dma.clone();
+    let handle = std::thread::spawn(move || {
+        dma.wait_for_inflight();
+        let _ = tx.send(());
+    });
+    (rx, handle)
+}
+
 /// Guest memory as a device behind an IOMMU sees it: [`Mem`] translated by a
 /// [`TestIommu`] (addresses map to themselves; only the ranges the test maps are
 /// accessible, with the permissions it gives).
-pub(crate) type IoMem = IommuMemory<Mem, TestIommu>;
+pub type IoMem = IommuMemory<Mem, TestIommu>;
 
 /// Test memory behind a [`TestIommu`] with nothing mapped; the driver writes the
 /// rings through `get_backend()` (guest-physical = I/O virtual addresses).
-pub(crate) fn iommu_memory() -> IoMem {
+pub fn iommu_memory() -> IoMem {
     IommuMemory::new(memory(), TestIommu::default(), true, ())
 }
 
@@ -244,7 +323,7 @@ struct Revoke {
 /// faults (refused translations) and translations done while the watched
 /// [`DmaTracker`] had no guard in flight (a device breaking the DMA contract).
 #[derive(Debug, Default)]
-pub(crate) struct TestIommu {
+pub struct TestIommu {
     iotlb: RwLock<Iotlb>,
     revoke: Mutex<Option<Revoke>>,
     watched: Mutex<Option<DmaTracker>>,

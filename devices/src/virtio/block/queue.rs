@@ -2,25 +2,25 @@
 //! through [`request::process`](super::request::process) and returns them to the used
 //! ring.
 //!
-//! Notification suppression works as in virtio-console: a batch drains with driver
-//! notifications disabled and re-enables them with [`QueueT::enable_notification`],
-//! looping when the driver published more requests meanwhile, so no kick is lost; the
-//! interrupt decision is taken once per batch by [`QueueT::needs_notification`]
-//! (EVENT_IDX aware). A batch stops after a budget of chains so that the worker can
-//! look at its stop signal in between.
+//! Notification suppression is that of every device ([`ring::serve_batch`]): a batch
+//! drains with driver notifications disabled and re-enables them, looping when the
+//! driver published more requests meanwhile, so no kick is lost; the interrupt
+//! decision is taken once per batch by [`ring::needs_notification`] (EVENT_IDX
+//! aware). A batch stops after a budget of chains so that the worker can look at its
+//! stop signal in between.
 //!
 //! DMA fences: every request holds a guard of the device's [`DmaTracker`] from the
 //! pop of its chain to its used element (an IOMMU UNMAP waits for it, never for the
 //! rest of the batch), put down while the backend syncs or discards without touching
 //! guest memory.
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemory;
 
 use super::request::{self, Completion, Disk};
 use crate::dma::DmaTracker;
 use crate::virtio::dma_hold::DmaHold;
-use crate::virtio::ring::RingError;
+use crate::virtio::ring::{self, RingError, Step};
 
 /// A ring error the device cannot recover from: it must report DEVICE_NEEDS_RESET.
 #[derive(Debug, thiserror::Error)]
@@ -59,35 +59,19 @@ pub fn process_queue<M: GuestMemory>(
     budget: usize,
 ) -> Result<QueueStats, QueueError> {
     let mut stats = QueueStats::default();
-    let mut seen = 0usize;
     let mut hold = DmaHold::new(dma);
-    'batch: loop {
-        queue
-            .disable_notification(mem)
-            .map_err(RingError::Notification)?;
-        while let Some(chain) = next_chain(queue, mem)? {
-            let head = chain.head_index();
-            let done = request::process(chain, mem, disk, &mut hold);
-            return_chain(queue, mem, head, done, &mut stats)?;
-            // This request is complete: an UNMAP waiting for it may go on.
-            hold.renew();
-            seen += 1;
-            if seen >= budget {
-                stats.more = true;
-                break 'batch;
-            }
-        }
-        if !queue
-            .enable_notification(mem)
-            .map_err(RingError::Notification)?
-        {
-            break;
-        }
-    }
-    stats.notify = stats.completed > 0
-        && queue
-            .needs_notification(mem)
-            .map_err(RingError::Notification)?;
+    stats.more = ring::serve_batch(queue, mem, budget, |queue| {
+        let Some(chain) = ring::pop_chain(queue, mem)? else {
+            return Ok(Step::Empty);
+        };
+        let head = chain.head_index();
+        let done = request::process(chain, mem, disk, &mut hold);
+        return_chain(queue, mem, head, done, &mut stats)?;
+        // This request is complete: an UNMAP waiting for it may go on.
+        hold.renew();
+        Ok(Step::Next)
+    })?;
+    stats.notify = stats.completed > 0 && ring::needs_notification(queue, mem)?;
     Ok(stats)
 }
 
@@ -98,25 +82,12 @@ pub(super) fn return_chain<M: GuestMemory>(
     head: u16,
     done: Completion,
     stats: &mut QueueStats,
-) -> Result<(), QueueError> {
+) -> Result<(), RingError> {
     if done.status != Some(0) {
         stats.failed += 1;
     }
-    if head >= queue.size() {
-        tracing::debug!("virtio-blk: skipping chain with head index {head} out of range");
-    } else {
-        queue
-            .add_used(mem, head, done.used_len)
-            .map_err(RingError::UsedRing)?;
+    if ring::return_chain("virtio-blk", queue, mem, head, done.used_len)? {
         stats.completed += 1;
     }
     Ok(())
-}
-
-/// The next available chain, `None` when the ring is empty.
-pub(super) fn next_chain<'m, M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &'m M,
-) -> Result<Option<DescriptorChain<&'m M>>, QueueError> {
-    Ok(crate::virtio::ring::pop_chain(queue, mem)?)
 }

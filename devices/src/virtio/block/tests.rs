@@ -11,7 +11,7 @@ mod uring;
 mod worker;
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,8 +19,70 @@ use std::sync::Arc;
 use virtio_bindings::bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::backend::{BlockBackend, IoBuf, IoBufMut};
+use super::uring::{UringEngine, UringRing};
 use super::{Disk, FileBackend, Limits};
+use crate::dma::DmaTracker;
 use crate::virtio::testing::Mem;
+pub(super) use crate::virtio::testing::{get, put};
+
+/// The io_uring engine over `disk`'s file for a queue of `size` entries.
+pub(super) fn uring_engine(disk: &Disk, size: u16, dma: DmaTracker) -> UringEngine {
+    let fd = disk.backend.raw_file().unwrap();
+    UringEngine::new(UringRing::new(fd, size).unwrap(), dma)
+}
+
+/// What a [`HookedBackend`] is about to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BackendOp {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// A file backend that runs a test hook before each operation (to count it, or hold
+/// it until the test lets it go). Without a raw file: the sync engine only.
+pub(super) struct HookedBackend {
+    inner: FileBackend,
+    hook: Box<dyn Fn(BackendOp) + Send + Sync>,
+}
+
+impl HookedBackend {
+    pub fn new(image: &TempImage, hook: impl Fn(BackendOp) + Send + Sync + 'static) -> Self {
+        Self {
+            inner: image.open(false),
+            hook: Box::new(hook),
+        }
+    }
+}
+
+impl BlockBackend for HookedBackend {
+    fn read_vectored(&self, offset: u64, bufs: &mut [IoBufMut<'_>]) -> io::Result<usize> {
+        (self.hook)(BackendOp::Read);
+        self.inner.read_vectored(offset, bufs)
+    }
+    fn write_vectored(&self, offset: u64, bufs: &[IoBuf<'_>]) -> io::Result<usize> {
+        (self.hook)(BackendOp::Write);
+        self.inner.write_vectored(offset, bufs)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (self.hook)(BackendOp::Flush);
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (self.hook)(BackendOp::Discard);
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        (self.hook)(BackendOp::WriteZeroes);
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+}
 
 /// A disk image in the temporary directory, removed on drop.
 pub(super) struct TempImage {
@@ -120,16 +182,6 @@ pub(super) fn put_segments(mem: &Mem, addr: u64, segs: &[(u64, u32, u32)]) -> u3
     }
     mem.write_slice(&raw, GuestAddress(addr)).unwrap();
     raw.len() as u32
-}
-
-pub(super) fn put(mem: &Mem, addr: u64, bytes: &[u8]) {
-    mem.write_slice(bytes, GuestAddress(addr)).unwrap();
-}
-
-pub(super) fn get(mem: &Mem, addr: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    mem.read_slice(&mut out, GuestAddress(addr)).unwrap();
-    out
 }
 
 pub(super) fn status_at(mem: &Mem, addr: u64) -> u8 {

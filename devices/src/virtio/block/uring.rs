@@ -33,11 +33,11 @@ use vmm_sys_util::eventfd::EventFd;
 use super::engine::QueueEngine;
 use super::exec;
 use super::io::{self as guest_io, GuestIovecs};
-use super::queue::{next_chain, return_chain, QueueError, QueueStats};
+use super::queue::{return_chain, QueueError, QueueStats};
 use super::request::{self, ioerr, Completion, Disk, Request, Transfer};
 use crate::dma::{DmaGuard, DmaTracker};
 use crate::virtio::dma_hold::DmaHold;
-use crate::virtio::ring::RingError;
+use crate::virtio::ring::{self, RingError, Step};
 
 mod pending;
 mod setup;
@@ -361,47 +361,28 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
         budget: usize,
     ) -> Result<QueueStats, QueueError> {
         let mut stats = QueueStats::default();
-        let mut seen = 0usize;
         // A handle of our own: the hold borrows it while `self` changes.
         let dma = self.dma.clone();
         let mut hold = DmaHold::new(&dma);
-        'batch: loop {
-            queue
-                .disable_notification(mem)
-                .map_err(RingError::Notification)?;
-            loop {
-                if self.free.is_empty() {
-                    // Every slot is taken: the rest waits for completions (`reap`
-                    // is followed by `serve`), with notifications still disabled.
-                    break 'batch;
-                }
-                let Some(chain) = next_chain(queue, mem)? else {
-                    break;
-                };
-                let head = chain.head_index();
-                if let Some(done) = self.start(chain, mem, disk, &mut hold) {
-                    return_chain(queue, mem, head, done, &mut stats)?;
-                }
-                // This request completed or took its guard along: the next one gets
-                // its own.
-                hold.renew();
-                seen += 1;
-                if seen >= budget {
-                    stats.more = true;
-                    break 'batch;
-                }
+        stats.more = ring::serve_batch(queue, mem, budget, |queue| {
+            if self.free.is_empty() {
+                // Every slot is taken: the rest waits for completions (`reap` is
+                // followed by `serve`), with notifications still disabled.
+                return Ok(Step::Pause);
             }
-            if !queue
-                .enable_notification(mem)
-                .map_err(RingError::Notification)?
-            {
-                break;
+            let Some(chain) = ring::pop_chain(queue, mem)? else {
+                return Ok(Step::Empty);
+            };
+            let head = chain.head_index();
+            if let Some(done) = self.start(chain, mem, disk, &mut hold) {
+                return_chain(queue, mem, head, done, &mut stats)?;
             }
-        }
-        stats.notify = stats.completed > 0
-            && queue
-                .needs_notification(mem)
-                .map_err(RingError::Notification)?;
+            // This request completed or took its guard along: the next one gets its
+            // own.
+            hold.renew();
+            Ok(Step::Next)
+        })?;
+        stats.notify = stats.completed > 0 && ring::needs_notification(queue, mem)?;
         drop(hold);
         self.submit(0)?;
         Ok(stats)
@@ -445,7 +426,7 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
             let completed = self.complete(slot as usize, res, mem, disk, &mut hold);
             if let Some((head, done, guard)) = completed {
                 if let Err(e) = return_chain(queue, mem, head, done, &mut stats) {
-                    failure.get_or_insert(e);
+                    failure.get_or_insert(e.into());
                 }
                 drop(guard);
             }

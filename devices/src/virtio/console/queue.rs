@@ -7,11 +7,12 @@
 //! be returned) and report an unrecoverable ring error as a [`QueueError`], upon which
 //! the device must set DEVICE_NEEDS_RESET. Nothing here panics on guest data.
 //!
-//! Notification suppression: both functions drain with driver notifications disabled
-//! and re-enable them with [`QueueT::enable_notification`], looping when the driver
-//! published more buffers meanwhile, so no kick is lost. Whether the driver must be
-//! interrupted is decided once per batch by [`QueueT::needs_notification`] (the
-//! `used_event` comparison when VIRTIO_F_EVENT_IDX is negotiated).
+//! Notification suppression: both functions serve their queue in a
+//! [`ring::serve_batch`] (drained with driver notifications disabled, re-enabled with a
+//! second look when the driver published more meanwhile, so no kick is lost). Whether
+//! the driver must be interrupted is decided once per batch by
+//! [`ring::needs_notification`] (the `used_event` comparison when VIRTIO_F_EVENT_IDX is
+//! negotiated).
 //!
 //! DMA fences: guest memory (rings and buffers) is touched only under a guard of the
 //! device's [`DmaTracker`], renewed after each chain so that an IOMMU UNMAP waits for
@@ -23,11 +24,15 @@ use std::collections::VecDeque;
 use std::io::Write;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::dma::DmaTracker;
 use crate::virtio::dma_hold::DmaHold;
+use crate::virtio::ring::{self, Step};
+
+/// The log prefix.
+const DEVICE: &str = "virtio-console";
 
 /// Largest piece copied from guest memory to the sink at once.
 const COPY_CHUNK: usize = 4096;
@@ -119,37 +124,30 @@ pub fn process_tx<M: GuestMemory>(
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut sink_failed = false;
     let mut hold = DmaHold::new(dma);
-    loop {
-        queue
-            .disable_notification(mem)
-            .map_err(QueueError::Notification)?;
-        while let Some(chain) = next_chain(queue, mem)? {
-            let head = chain.head_index();
-            let checked = collect_chain(chain, mem, false, &mut descs);
-            let mut out = TxOut {
-                sink: &mut *sink,
-                buf: &mut buf,
-                stats: &mut stats,
-                sink_failed: &mut sink_failed,
-            };
-            let result = checked.and_then(|()| copy_to_sink(mem, &descs, &mut out, &mut hold));
-            if let Err(e) = result {
-                tracing::debug!("virtio-console: transmitq chain {head} refused: {e}");
-                stats.invalid += 1;
-            }
-            if complete(queue, mem, head, 0)? {
-                stats.chains += 1;
-            }
-            hold.renew();
+    ring::serve_batch(queue, mem, usize::MAX, |queue| {
+        let Some(chain) = ring::pop_chain(queue, mem)? else {
+            return Ok(Step::Empty);
+        };
+        let head = chain.head_index();
+        let checked = collect_chain(chain, mem, false, &mut descs);
+        let mut out = TxOut {
+            sink: &mut *sink,
+            buf: &mut buf,
+            stats: &mut stats,
+            sink_failed: &mut sink_failed,
+        };
+        let result = checked.and_then(|()| copy_to_sink(mem, &descs, &mut out, &mut hold));
+        if let Err(e) = result {
+            tracing::debug!("virtio-console: transmitq chain {head} refused: {e}");
+            stats.invalid += 1;
         }
-        if !queue
-            .enable_notification(mem)
-            .map_err(QueueError::Notification)?
-        {
-            break;
+        if ring::return_chain(DEVICE, queue, mem, head, 0)? {
+            stats.chains += 1;
         }
-    }
-    stats.notify = stats.chains > 0 && notify(queue, mem)?;
+        hold.renew();
+        Ok(Step::Next)
+    })?;
+    stats.notify = stats.chains > 0 && ring::needs_notification(queue, mem)?;
     drop(hold);
     if stats.bytes > 0 && !sink_failed {
         if let Err(e) = sink.flush() {
@@ -175,52 +173,36 @@ pub fn fill_rx<M: GuestMemory>(
     }
     let mut descs = Vec::new();
     let mut hold = DmaHold::new(dma);
-    loop {
-        queue
-            .disable_notification(mem)
-            .map_err(QueueError::Notification)?;
-        while !input.is_empty() {
-            let Some(chain) = next_chain(queue, mem)? else {
-                break;
-            };
-            let head = chain.head_index();
-            let copied = collect_chain(chain, mem, true, &mut descs)
-                .and_then(|()| copy_from_input(mem, &descs, input));
-            let written = match copied {
-                Ok(written) => written,
-                Err(e) => {
-                    tracing::debug!("virtio-console: receiveq chain {head} refused: {e}");
-                    stats.invalid += 1;
-                    0
-                }
-            };
-            stats.bytes += written;
-            // A chain holds less than 4 GiB (virtio-queue stops iterating otherwise).
-            let len = u32::try_from(written).unwrap_or(u32::MAX);
-            if complete(queue, mem, head, len)? {
-                stats.chains += 1;
+    // Kicks stay enabled while input waits: the driver must tell us about new buffers.
+    ring::serve_batch(queue, mem, usize::MAX, |queue| {
+        if input.is_empty() {
+            return Ok(Step::Done);
+        }
+        let Some(chain) = ring::pop_chain(queue, mem)? else {
+            return Ok(Step::Empty);
+        };
+        let head = chain.head_index();
+        let copied = collect_chain(chain, mem, true, &mut descs)
+            .and_then(|()| copy_from_input(mem, &descs, input));
+        let written = match copied {
+            Ok(written) => written,
+            Err(e) => {
+                tracing::debug!("virtio-console: receiveq chain {head} refused: {e}");
+                stats.invalid += 1;
+                0
             }
-            hold.renew();
+        };
+        stats.bytes += written;
+        // A chain holds less than 4 GiB (virtio-queue stops iterating otherwise).
+        let len = u32::try_from(written).unwrap_or(u32::MAX);
+        if ring::return_chain(DEVICE, queue, mem, head, len)? {
+            stats.chains += 1;
         }
-        // Re-enable kicks (the driver must tell us about new buffers while input
-        // waits); go on if buffers arrived meanwhile and input is left.
-        let more = queue
-            .enable_notification(mem)
-            .map_err(QueueError::Notification)?;
-        if !more || input.is_empty() {
-            break;
-        }
-    }
-    stats.notify = stats.chains > 0 && notify(queue, mem)?;
+        hold.renew();
+        Ok(Step::Next)
+    })?;
+    stats.notify = stats.chains > 0 && ring::needs_notification(queue, mem)?;
     Ok(stats)
-}
-
-/// The next available chain, `None` when the ring is empty.
-fn next_chain<'m, M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &'m M,
-) -> Result<Option<DescriptorChain<&'m M>>, QueueError> {
-    crate::virtio::ring::pop_chain(queue, mem)
 }
 
 /// Walks `chain` into `out` and checks every descriptor: direction (`writable` for the
@@ -347,28 +329,4 @@ fn copy_from_input<M: GuestMemory>(
 
 fn offset(addr: GuestAddress, by: usize) -> Option<GuestAddress> {
     addr.checked_add(u64::try_from(by).ok()?)
-}
-
-/// Returns chain `head` to the used ring; `false` when the head index is out of range
-/// (such a chain cannot be returned and is skipped).
-fn complete<M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &M,
-    head: u16,
-    len: u32,
-) -> Result<bool, QueueError> {
-    if head >= queue.size() {
-        tracing::debug!("virtio-console: skipping chain with head index {head} out of range");
-        return Ok(false);
-    }
-    queue
-        .add_used(mem, head, len)
-        .map_err(QueueError::UsedRing)?;
-    Ok(true)
-}
-
-fn notify<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<bool, QueueError> {
-    queue
-        .needs_notification(mem)
-        .map_err(QueueError::Notification)
 }

@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 pub(super) use crate::virtio::testing::{
-    memory, ro, wait_for, wo, Driver, Mem, TestInterrupt, MEM_SIZE,
+    activation, get, memory, put, ro, wait_for, wo, Driver, Mem, TestInterrupt, MEM_SIZE,
 };
 
 /// A sink shared between the device and the test.

@@ -3,16 +3,15 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, PoisonError};
-use std::thread::JoinHandle;
 
 use vm_memory::GuestMemory;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::{self, QueueError};
+use super::queue;
 use super::{InputSource, SharedSink, MAX_PENDING_INPUT, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaTracker;
+use crate::virtio::worker_util::{pollin, Wake, WorkerBase, WorkerThread};
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 
 /// Largest single read from the input.
@@ -40,54 +39,27 @@ pub(super) struct WorkerCtx<M> {
     pub dma: DmaTracker,
 }
 
-/// A running worker thread.
-pub(super) struct Worker {
-    kill: EventFd,
-    handle: JoinHandle<HostInput>,
-}
+/// A running worker thread; stopping it gives back the host input with what is still
+/// pending (`None` if the thread panicked).
+pub(super) type Worker = WorkerThread<HostInput>;
 
-impl Worker {
-    /// Starts the `virtio-console` thread.
-    pub fn spawn<M: GuestMemory + Send + 'static>(ctx: WorkerCtx<M>) -> io::Result<Worker> {
-        let kill = EventFd::new(EFD_NONBLOCK)?;
-        let worker_kill = kill.try_clone()?;
-        let handle = std::thread::Builder::new()
-            .name("virtio-console".into())
-            .spawn(move || {
-                let mut worker = WorkerLoop {
-                    ctx,
-                    kill: worker_kill,
-                    failed: false,
-                    sink_failing: false,
-                };
-                worker.run();
-                worker.ctx.input
-            })?;
-        Ok(Worker { kill, handle })
-    }
-
-    /// Stops the thread and waits for it; returns the host input with what is still
-    /// pending (empty if the thread panicked).
-    pub fn stop(self) -> HostInput {
-        if let Err(e) = self.kill.write(1) {
-            tracing::error!("virtio-console: cannot signal the worker to stop: {e}");
-        }
-        match self.handle.join() {
-            Ok(input) => input,
-            Err(_) => {
-                tracing::error!("virtio-console: worker thread panicked; host input lost");
-                HostInput::default()
-            }
-        }
-    }
+/// Starts the `virtio-console` thread.
+pub(super) fn spawn<M: GuestMemory + Send + 'static>(ctx: WorkerCtx<M>) -> io::Result<Worker> {
+    let interrupt = ctx.interrupt.clone();
+    WorkerThread::spawn("virtio-console".into(), interrupt, move |base| {
+        let mut worker = WorkerLoop {
+            ctx,
+            base,
+            sink_failing: false,
+        };
+        worker.run();
+        worker.ctx.input
+    })
 }
 
 struct WorkerLoop<M> {
     ctx: WorkerCtx<M>,
-    kill: EventFd,
-    /// A ring error was reported (DEVICE_NEEDS_RESET): the queues are left alone until
-    /// the reset.
-    failed: bool,
+    base: WorkerBase,
     /// The last transmit batch lost output (logged once until the sink recovers).
     sink_failing: bool,
 }
@@ -100,39 +72,29 @@ impl<M: GuestMemory> WorkerLoop<M> {
         self.process_tx();
         self.process_rx();
         loop {
-            let queues = !self.failed;
+            let queues = !self.base.failed();
             let want_input = queues
                 && self.ctx.input.source.is_some()
                 && self.ctx.input.pending.len() < MAX_PENDING_INPUT;
             let input_fd = self.ctx.input.source.as_ref().map(|s| s.as_raw_fd());
             let mut fds = [
-                pollfd(Some(self.kill.as_raw_fd())),
-                pollfd(queues.then(|| self.ctx.tx.notify.as_raw_fd())),
-                pollfd(queues.then(|| self.ctx.rx.notify.as_raw_fd())),
-                pollfd(input_fd.filter(|_| want_input)),
+                self.base.kill_pollfd(),
+                pollin(queues.then(|| self.ctx.tx.notify.as_raw_fd())),
+                pollin(queues.then(|| self.ctx.rx.notify.as_raw_fd())),
+                pollin(input_fd.filter(|_| want_input)),
             ];
-            // SAFETY: `fds` is a valid, writable array of `fds.len()` pollfd structs that
-            // lives across the call; poll only writes their `revents` fields.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                tracing::error!("virtio-console: poll failed: {e}; worker stops");
-                self.ctx.interrupt.device_error();
-                break;
-            }
-            if fds[0].revents != 0 {
-                break;
+            match self.base.wait(&mut fds, -1) {
+                Wake::Ready => {}
+                Wake::Retry => continue,
+                Wake::Stop => break,
             }
             if fds[1].revents != 0 {
-                drain(&self.ctx.tx.notify);
+                self.base.drain(&self.ctx.tx.notify);
                 self.process_tx();
             }
             let mut deliver = false;
             if fds[2].revents != 0 {
-                drain(&self.ctx.rx.notify);
+                self.base.drain(&self.ctx.rx.notify);
                 deliver = true;
             }
             if fds[3].revents != 0 {
@@ -147,7 +109,7 @@ impl<M: GuestMemory> WorkerLoop<M> {
     }
 
     fn process_tx(&mut self) {
-        if self.failed {
+        if self.base.failed() {
             return;
         }
         let result = {
@@ -176,15 +138,15 @@ impl<M: GuestMemory> WorkerLoop<M> {
                     self.sink_failing = stats.lost > 0;
                 }
                 if stats.notify {
-                    self.signal(TX_QUEUE);
+                    self.base.signal(TX_QUEUE);
                 }
             }
-            Err(e) => self.fail(e),
+            Err(e) => self.base.fail(&e),
         }
     }
 
     fn process_rx(&mut self) {
-        if self.failed {
+        if self.base.failed() {
             return;
         }
         let result = queue::fill_rx(
@@ -202,10 +164,10 @@ impl<M: GuestMemory> WorkerLoop<M> {
                     );
                 }
                 if stats.notify {
-                    self.signal(RX_QUEUE);
+                    self.base.signal(RX_QUEUE);
                 }
             }
-            Err(e) => self.fail(e),
+            Err(e) => self.base.fail(&e),
         }
     }
 
@@ -239,36 +201,6 @@ impl<M: GuestMemory> WorkerLoop<M> {
                 tracing::warn!("virtio-console: cannot read input: {e}; input stops");
                 input.source = None;
             }
-        }
-    }
-
-    fn signal(&self, queue: u16) {
-        if let Err(e) = self.ctx.interrupt.signal_queue(queue) {
-            tracing::warn!("virtio-console: cannot signal queue {queue}: {e}");
-        }
-    }
-
-    fn fail(&mut self, e: QueueError) {
-        tracing::error!("virtio-console: {e}; the device needs a reset");
-        self.failed = true;
-        self.ctx.interrupt.device_error();
-    }
-}
-
-/// A pollfd waiting for input on `fd`; a negative fd (ignored by poll) for `None`.
-fn pollfd(fd: Option<RawFd>) -> libc::pollfd {
-    libc::pollfd {
-        fd: fd.unwrap_or(-1),
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-/// Consumes a notification eventfd's counter (nothing to do if it is already zero).
-fn drain(fd: &EventFd) {
-    if let Err(e) = fd.read() {
-        if e.kind() != io::ErrorKind::WouldBlock {
-            tracing::warn!("virtio-console: cannot read a notification eventfd: {e}");
         }
     }
 }

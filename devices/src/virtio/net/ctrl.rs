@@ -7,14 +7,14 @@
 //! returned with length 0.
 
 use virtio_bindings::bindings::virtio_net::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemory;
 
 use super::io as net_io;
 use super::pairs::Pairs;
 use super::stats::{DropReason, NetStats};
 use crate::virtio::iov::Buffers;
-use crate::virtio::ring::{pop_chain, RingError};
+use crate::virtio::ring::{self, RingError, Step};
 
 /// What the control commands may use.
 pub struct CtrlCtx<'a> {
@@ -45,39 +45,23 @@ pub fn process_ctrl<M: GuestMemory>(
     budget: usize,
 ) -> Result<CtrlResult, RingError> {
     let mut out = CtrlResult::default();
-    'batch: loop {
-        queue
-            .disable_notification(mem)
-            .map_err(RingError::Notification)?;
-        while let Some(chain) = pop_chain(queue, mem)? {
-            let head = chain.head_index();
-            let len = match net_io::split(chain, mem) {
-                Ok(s) => answer(&s.readable, &s.writable, mem, ctx, stats, head),
-                Err(e) => {
-                    stats.dropped(DropReason::CtrlError, &format_args!("chain {head}: {e}"));
-                    0
-                }
-            };
-            queue
-                .add_used(mem, head, len)
-                .map_err(RingError::UsedRing)?;
-            out.completed += 1;
-            if out.completed >= budget {
-                out.more = true;
-                break 'batch;
+    out.more = ring::serve_batch(queue, mem, budget, |queue| {
+        let Some(chain) = ring::pop_chain(queue, mem)? else {
+            return Ok(Step::Empty);
+        };
+        let head = chain.head_index();
+        let len = match net_io::split(chain, mem) {
+            Ok(s) => answer(&s.readable, &s.writable, mem, ctx, stats, head),
+            Err(e) => {
+                stats.dropped(DropReason::CtrlError, &format_args!("chain {head}: {e}"));
+                0
             }
-        }
-        if !queue
-            .enable_notification(mem)
-            .map_err(RingError::Notification)?
-        {
-            break;
-        }
-    }
-    out.notify = out.completed > 0
-        && queue
-            .needs_notification(mem)
-            .map_err(RingError::Notification)?;
+        };
+        ring::add_used(queue, mem, head, len)?;
+        out.completed += 1;
+        Ok(Step::Next)
+    })?;
+    out.notify = out.completed > 0 && ring::needs_notification(queue, mem)?;
     Ok(out)
 }
 

@@ -35,7 +35,7 @@ use super::header::{VnetHeader, VNET_HDR_LEN};
 use super::io::{self as net_io, ChainError, IOV_MAX};
 use super::stats::{DropReason, NetStats};
 use crate::virtio::iov::{self, Buffers, GuestIovecs};
-use crate::virtio::ring::{pop_chain, RingError};
+use crate::virtio::ring::{self, pop_chain, RingError};
 
 /// How frames are laid out in the guest's buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,10 +161,7 @@ pub fn process_rx<M: GuestMemory>(
             }
         }
     }
-    out.notify = out.completed > 0
-        && queue
-            .needs_notification(mem)
-            .map_err(RingError::Notification)?;
+    out.notify = out.completed > 0 && ring::needs_notification(queue, mem)?;
     Ok(out)
 }
 
@@ -323,9 +320,7 @@ fn receive_one<M: GuestMemory>(
     }
     for &(head, len) in &used {
         // Bounded by the chain length, itself below 4 GiB.
-        queue
-            .add_used(mem, head, len as u32)
-            .map_err(RingError::UsedRing)?;
+        ring::add_used(queue, mem, head, len as u32)?;
         *completed += 1;
     }
     rewind(queue, order.len() - last - 1);
@@ -370,9 +365,7 @@ fn drop_frame<M: GuestMemory>(
     completed: &mut usize,
 ) -> Result<Step, RingError> {
     rewind(queue, popped - 1);
-    queue
-        .add_used(mem, chains[0].head, 0)
-        .map_err(RingError::UsedRing)?;
+    ring::add_used(queue, mem, chains[0].head, 0)?;
     *completed += 1;
     Ok(Step::Dropped)
 }
@@ -386,7 +379,7 @@ fn refuse<M: GuestMemory>(
     e: ChainError,
 ) -> Result<(), RingError> {
     stats.dropped(DropReason::RxMalformed, &format_args!("chain {head}: {e}"));
-    queue.add_used(mem, head, 0).map_err(RingError::UsedRing)
+    ring::add_used(queue, mem, head, 0)
 }
 
 /// Puts the last `n` popped chains back in the available ring.

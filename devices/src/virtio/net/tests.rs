@@ -13,10 +13,15 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::backend::{NetBackend, TapQueue};
-use super::header::VnetHeader;
+use super::header::{TxOffloads, VnetHeader};
+use super::rx::{process_rx, RxFill, RxParams, RxResult};
+use super::stats::NetStats;
+use super::tx::{process_tx, TxResult};
+use crate::virtio::ring::RingError;
 use crate::virtio::testing::Mem;
 
 /// The device end of a fake TAP queue.
@@ -171,6 +176,48 @@ pub(super) fn fake_tap() -> (Arc<FakeTap>, Peer) {
         enabled: Mutex::default(),
     };
     (Arc::new(tap), Peer(b))
+}
+
+/// The host side of a ring-level test: a fake TAP queue, the test's end of it and the
+/// device's counters.
+pub(super) struct Host {
+    pub tap: Arc<FakeTap>,
+    pub peer: Peer,
+    pub stats: NetStats,
+}
+
+impl Host {
+    pub fn new() -> Self {
+        let (tap, peer) = fake_tap();
+        Self {
+            tap,
+            peer,
+            stats: NetStats::default(),
+        }
+    }
+
+    /// One `process_rx` pass (budget 64) from this host queue into `q`.
+    pub fn rx<M: GuestMemory>(
+        &self,
+        q: &mut Queue,
+        mem: &M,
+        params: &RxParams,
+        fill: RxFill,
+    ) -> RxResult {
+        let fd = self.tap.as_raw_fd();
+        process_rx(q, mem, fd, params, &self.stats, 64, fill).unwrap()
+    }
+
+    /// One `process_tx` pass from `q` to this host queue.
+    pub fn tx<M: GuestMemory>(
+        &self,
+        q: &mut Queue,
+        mem: &M,
+        offloads: &TxOffloads,
+        budget: usize,
+    ) -> Result<TxResult, RingError> {
+        process_tx(q, mem, self.tap.as_raw_fd(), offloads, &self.stats, budget)
+    }
 }
 
 /// A backend of `pairs` fake TAP queues accepting the `TUN_F_*` flags `offloads`.

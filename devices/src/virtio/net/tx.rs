@@ -23,7 +23,7 @@ use super::header::{
 use super::io::{self as net_io, ChainError, IOV_MAX};
 use super::stats::{DropReason, NetStats};
 use crate::virtio::iov::GuestIovecs;
-use crate::virtio::ring::{pop_chain, RingError};
+use crate::virtio::ring::{self, RingError, Step};
 
 /// What one [`process_tx`] call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -67,39 +67,25 @@ pub fn process_tx<M: GuestMemory>(
     budget: usize,
 ) -> Result<TxResult, RingError> {
     let mut out = TxResult::default();
-    'batch: loop {
-        queue
-            .disable_notification(mem)
-            .map_err(RingError::Notification)?;
-        while let Some(chain) = pop_chain(queue, mem)? {
-            let head = chain.head_index();
-            match send_chain(chain, mem, fd, offloads, stats) {
-                Sent::Frame(bytes) => stats.sent(bytes),
-                Sent::Dropped => {}
-                Sent::WouldBlock => {
-                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                    out.blocked = true;
-                    break 'batch;
-                }
-            }
-            queue.add_used(mem, head, 0).map_err(RingError::UsedRing)?;
-            out.completed += 1;
-            if out.completed >= budget {
-                out.more = true;
-                break 'batch;
+    out.more = ring::serve_batch(queue, mem, budget, |queue| {
+        let Some(chain) = ring::pop_chain(queue, mem)? else {
+            return Ok(Step::Empty);
+        };
+        let head = chain.head_index();
+        match send_chain(chain, mem, fd, offloads, stats) {
+            Sent::Frame(bytes) => stats.sent(bytes),
+            Sent::Dropped => {}
+            Sent::WouldBlock => {
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                out.blocked = true;
+                return Ok(Step::Pause);
             }
         }
-        if !queue
-            .enable_notification(mem)
-            .map_err(RingError::Notification)?
-        {
-            break;
-        }
-    }
-    out.notify = out.completed > 0
-        && queue
-            .needs_notification(mem)
-            .map_err(RingError::Notification)?;
+        ring::add_used(queue, mem, head, 0)?;
+        out.completed += 1;
+        Ok(Step::Next)
+    })?;
+    out.notify = out.completed > 0 && ring::needs_notification(queue, mem)?;
     Ok(out)
 }
 

@@ -19,11 +19,10 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemory;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::TapQueue;
 use super::ctrl::{self, CtrlCtx};
@@ -33,7 +32,7 @@ use super::rx::{self, RxFill, RxParams, RxState};
 use super::stats::NetStats;
 use super::tx;
 use crate::dma::DmaTracker;
-use crate::virtio::ring::RingError;
+use crate::virtio::worker_util::{pollfd, pollin, Wake, WorkerBase, WorkerThread};
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 
 /// Frames one pass serves per direction before looking at the other fds.
@@ -71,56 +70,30 @@ pub(super) struct WorkerCtx<M> {
 }
 
 /// A running worker thread.
-pub(super) struct Worker {
-    pair: u16,
-    kill: EventFd,
-    handle: JoinHandle<()>,
-}
+pub(super) type Worker = WorkerThread<()>;
 
-impl Worker {
-    /// Starts the `virtio-net-q<pair>` thread.
-    pub fn spawn<M: GuestMemory + Send + 'static>(ctx: WorkerCtx<M>) -> io::Result<Worker> {
-        let pair = ctx.pair;
-        let kill = EventFd::new(EFD_NONBLOCK)?;
-        let worker_kill = kill.try_clone()?;
-        let handle = std::thread::Builder::new()
-            .name(format!("virtio-net-q{pair}"))
-            .spawn(move || {
-                WorkerLoop {
-                    ctx,
-                    kill: worker_kill,
-                    failed: false,
-                    rx_paused: false,
-                    rx_short_since: None,
-                    rx_more: false,
-                    tx_blocked: false,
-                    tx_more: false,
-                    ctrl_more: false,
-                }
-                .run()
-            })?;
-        Ok(Worker { pair, kill, handle })
-    }
-
-    /// Stops the thread and waits for it.
-    pub fn stop(self) {
-        if let Err(e) = self.kill.write(1) {
-            tracing::error!(
-                "virtio-net: cannot signal worker {} to stop: {e}",
-                self.pair
-            );
+/// Starts the `virtio-net-q<pair>` thread.
+pub(super) fn spawn<M: GuestMemory + Send + 'static>(ctx: WorkerCtx<M>) -> io::Result<Worker> {
+    let name = format!("virtio-net-q{}", ctx.pair);
+    let interrupt = ctx.interrupt.clone();
+    WorkerThread::spawn(name, interrupt, move |base| {
+        WorkerLoop {
+            ctx,
+            base,
+            rx_paused: false,
+            rx_short_since: None,
+            rx_more: false,
+            tx_blocked: false,
+            tx_more: false,
+            ctrl_more: false,
         }
-        if self.handle.join().is_err() {
-            tracing::error!("virtio-net: worker {} panicked", self.pair);
-        }
-    }
+        .run()
+    })
 }
 
 struct WorkerLoop<M> {
     ctx: WorkerCtx<M>,
-    kill: EventFd,
-    /// A ring error was reported (DEVICE_NEEDS_RESET): the queues are left alone.
-    failed: bool,
+    base: WorkerBase,
     /// The guest has no buffers for a largest frame, or the host end failed: the host
     /// fd is not read until a receiveq notification or a wake-up.
     rx_paused: bool,
@@ -139,13 +112,13 @@ struct WorkerLoop<M> {
 impl<M: GuestMemory> WorkerLoop<M> {
     fn run(&mut self) {
         let pair = self.ctx.pair;
-        tracing::debug!("virtio-net: worker {pair} started");
+        tracing::debug!("{}: worker started", self.base.name());
         // Buffers and kicks may predate the thread.
         self.serve_ctrl();
         self.serve_tx();
         self.serve_rx(RxFill::Full);
         loop {
-            let live = !self.failed;
+            let live = !self.base.failed();
             let enabled = self.ctx.pairs.is_enabled(pair);
             let mut tap_events = 0;
             if live && enabled && !self.rx_paused {
@@ -156,18 +129,15 @@ impl<M: GuestMemory> WorkerLoop<M> {
             }
             let ctrl_fd = self.ctx.ctrl.as_ref().map(|c| c.queue.notify.as_raw_fd());
             let mut fds = [
-                pollfd(self.kill.as_raw_fd(), libc::POLLIN),
-                pollfd(self.ctx.wake.as_raw_fd(), libc::POLLIN),
-                pollfd(live_fd(live, self.ctx.rx.notify.as_raw_fd()), libc::POLLIN),
+                self.base.kill_pollfd(),
+                pollin(Some(self.ctx.wake.as_raw_fd())),
+                pollin(live.then(|| self.ctx.rx.notify.as_raw_fd())),
+                pollin((live && !self.tx_blocked).then(|| self.ctx.tx.notify.as_raw_fd())),
                 pollfd(
-                    live_fd(live && !self.tx_blocked, self.ctx.tx.notify.as_raw_fd()),
-                    libc::POLLIN,
-                ),
-                pollfd(
-                    live_fd(tap_events != 0, self.ctx.tap.as_raw_fd()),
+                    (tap_events != 0).then(|| self.ctx.tap.as_raw_fd()),
                     tap_events,
                 ),
-                pollfd(live_fd(live, ctrl_fd.unwrap_or(-1)), libc::POLLIN),
+                pollin(ctrl_fd.filter(|_| live)),
             ];
             let busy = live && ((self.rx_more && enabled) || self.tx_more || self.ctrl_more);
             let short_deadline = self
@@ -183,27 +153,20 @@ impl<M: GuestMemory> WorkerLoop<M> {
                 }
                 None => -1,
             };
-            match poll(&mut fds, timeout) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-net: worker {pair}: poll failed: {e}");
-                    self.ctx.interrupt.device_error();
-                    break;
-                }
-            }
-            if fds[0].revents != 0 {
-                break;
+            match self.base.wait(&mut fds, timeout) {
+                Wake::Ready => {}
+                Wake::Retry => continue,
+                Wake::Stop => break,
             }
             let mut rx = self.rx_more;
             if fds[1].revents != 0 {
-                drain(&self.ctx.wake);
+                self.base.drain(&self.ctx.wake);
                 self.rx_paused = false;
                 rx = true;
             }
             if fds[5].revents != 0 || self.ctrl_more {
                 if let Some(c) = &self.ctx.ctrl {
-                    drain(&c.queue.notify);
+                    self.base.drain(&c.queue.notify);
                 }
                 self.serve_ctrl();
             }
@@ -211,7 +174,7 @@ impl<M: GuestMemory> WorkerLoop<M> {
             let tap_error = tap & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
             let mut tx = self.tx_more;
             if fds[3].revents != 0 {
-                drain(&self.ctx.tx.notify);
+                self.base.drain(&self.ctx.tx.notify);
                 tx = true;
             }
             if self.tx_blocked && (tap & libc::POLLOUT != 0 || tap_error) {
@@ -221,7 +184,7 @@ impl<M: GuestMemory> WorkerLoop<M> {
                 self.serve_tx();
             }
             if fds[2].revents != 0 {
-                drain(&self.ctx.rx.notify);
+                self.base.drain(&self.ctx.rx.notify);
                 self.rx_paused = false;
                 rx = true;
             }
@@ -234,12 +197,12 @@ impl<M: GuestMemory> WorkerLoop<M> {
                 self.serve_rx(RxFill::Full);
             }
         }
-        tracing::debug!("virtio-net: worker {pair} stopped");
+        tracing::debug!("{}: worker stopped", self.base.name());
     }
 
     fn serve_rx(&mut self, fill: RxFill) {
         self.rx_more = false;
-        if self.failed || !self.ctx.pairs.is_enabled(self.ctx.pair) {
+        if self.base.failed() || !self.ctx.pairs.is_enabled(self.ctx.pair) {
             return;
         }
         if fill == RxFill::Short {
@@ -260,7 +223,7 @@ impl<M: GuestMemory> WorkerLoop<M> {
         match result {
             Ok(r) => {
                 if r.notify {
-                    self.signal(self.ctx.rx.index);
+                    self.base.signal(self.ctx.rx.index);
                 }
                 self.rx_more = r.state == RxState::More;
                 self.rx_paused = matches!(r.state, RxState::NeedBuffers | RxState::HostError);
@@ -270,13 +233,13 @@ impl<M: GuestMemory> WorkerLoop<M> {
                     self.rx_short_since = None;
                 }
             }
-            Err(e) => self.fail(e),
+            Err(e) => self.base.fail(&e),
         }
     }
 
     fn serve_tx(&mut self) {
         self.tx_more = false;
-        if self.failed {
+        if self.base.failed() {
             return;
         }
         let c = &mut self.ctx;
@@ -293,18 +256,18 @@ impl<M: GuestMemory> WorkerLoop<M> {
         match result {
             Ok(r) => {
                 if r.notify {
-                    self.signal(self.ctx.tx.index);
+                    self.base.signal(self.ctx.tx.index);
                 }
                 self.tx_blocked = r.blocked;
                 self.tx_more = r.more;
             }
-            Err(e) => self.fail(e),
+            Err(e) => self.base.fail(&e),
         }
     }
 
     fn serve_ctrl(&mut self) {
         self.ctrl_more = false;
-        if self.failed {
+        if self.base.failed() {
             return;
         }
         let c = &mut self.ctx;
@@ -323,63 +286,11 @@ impl<M: GuestMemory> WorkerLoop<M> {
         match result {
             Ok(r) => {
                 if r.notify {
-                    self.signal(index);
+                    self.base.signal(index);
                 }
                 self.ctrl_more = r.more;
             }
-            Err(e) => self.fail(e),
-        }
-    }
-
-    fn signal(&self, queue: u16) {
-        if let Err(e) = self.ctx.interrupt.signal_queue(queue) {
-            tracing::warn!("virtio-net: cannot signal queue {queue}: {e}");
-        }
-    }
-
-    fn fail(&mut self, e: RingError) {
-        tracing::error!(
-            "virtio-net: queue pair {}: {e}; the device needs a reset",
-            self.ctx.pair
-        );
-        self.failed = true;
-        self.ctx.interrupt.device_error();
-    }
-}
-
-/// `fd` when `on`, else -1 (ignored by poll).
-fn live_fd(on: bool, fd: i32) -> i32 {
-    if on {
-        fd
-    } else {
-        -1
-    }
-}
-
-fn pollfd(fd: i32, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    }
-}
-
-fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
-    // SAFETY: `fds` is a valid, writable slice of `fds.len()` pollfd structs that lives
-    // across the call; poll only writes their `revents` fields.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// Consumes an eventfd's counter (nothing to do if it is already zero).
-fn drain(fd: &EventFd) {
-    if let Err(e) = fd.read() {
-        if e.kind() != io::ErrorKind::WouldBlock {
-            tracing::warn!("virtio-net: cannot read an eventfd: {e}");
+            Err(e) => self.base.fail(&e),
         }
     }
 }

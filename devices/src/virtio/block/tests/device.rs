@@ -4,13 +4,12 @@
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_blk::*;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::TempImage;
 use crate::virtio::block::{BlockConfig, BlockError, VirtioBlock, CONFIG_SIZE};
 use crate::virtio::features::{VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC};
-use crate::virtio::testing::{memory, Driver, Mem, TestInterrupt};
-use crate::virtio::{device_type, ActivateError, Activation, ActiveQueue, VirtioDevice};
+use crate::virtio::testing::{activation, memory, Driver, Mem, TestInterrupt};
+use crate::virtio::{device_type, ActivateError, VirtioDevice};
 
 pub(super) fn dev(d: &mut VirtioBlock) -> &mut dyn VirtioDevice<Mem> {
     d
@@ -159,22 +158,6 @@ fn invalid_configurations_are_refused() {
     }
 }
 
-fn activation(mem: &Mem, drivers: &[(u16, &Driver)], irq: &Arc<TestInterrupt>) -> Activation<Mem> {
-    Activation {
-        mem: mem.clone(),
-        queues: drivers
-            .iter()
-            .map(|(index, d)| ActiveQueue {
-                index: *index,
-                queue: d.queue(),
-                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
-            })
-            .collect(),
-        interrupt: irq.clone(),
-        dma: Default::default(),
-    }
-}
-
 #[test]
 fn activation_checks_the_queues() {
     let mem = memory();
@@ -186,24 +169,24 @@ fn activation_checks_the_queues() {
     let mut d = block(&image, cfg);
     let irq = Arc::new(TestInterrupt::default());
     let (q0, q1) = (Driver::new(&mem, 0, 16), Driver::new(&mem, 0x8000, 16));
-    let err = dev(&mut d).activate(activation(&mem, &[], &irq));
+    let err = dev(&mut d).activate(activation(&mem, &[], &irq).0);
     assert!(matches!(err, Err(ActivateError::MissingQueue(0))));
-    let err = dev(&mut d).activate(activation(&mem, &[(0, &q0), (2, &q1)], &irq));
+    let err = dev(&mut d).activate(activation(&mem, &[(0, &q0), (2, &q1)], &irq).0);
     assert!(matches!(err, Err(ActivateError::Invalid(_))));
-    let err = dev(&mut d).activate(activation(&mem, &[(1, &q0), (1, &q1)], &irq));
+    let err = dev(&mut d).activate(activation(&mem, &[(1, &q0), (1, &q1)], &irq).0);
     assert!(matches!(err, Err(ActivateError::Invalid(_))));
     assert!(!d.is_active());
     // The driver may enable a subset of the queues (fewer vCPUs than queues).
     dev(&mut d)
-        .activate(activation(&mem, &[(1, &q1)], &irq))
+        .activate(activation(&mem, &[(1, &q1)], &irq).0)
         .unwrap();
     assert!(d.is_active());
-    let err = dev(&mut d).activate(activation(&mem, &[(0, &q0)], &irq));
+    let err = dev(&mut d).activate(activation(&mem, &[(0, &q0)], &irq).0);
     assert!(matches!(err, Err(ActivateError::Invalid(_))));
     dev(&mut d).reset();
     assert!(!d.is_active());
     dev(&mut d)
-        .activate(activation(&mem, &[(0, &q0), (1, &q1)], &irq))
+        .activate(activation(&mem, &[(0, &q0), (1, &q1)], &irq).0)
         .unwrap();
     assert!(d.is_active());
 }

@@ -8,65 +8,26 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::thread::{self};
 use std::time::Duration;
 
 use virtio_bindings::bindings::virtio_blk::*;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{get, pattern, put, put_header, status_at, TempImage};
+use super::{get, pattern, put, put_header, status_at, BackendOp, HookedBackend, TempImage};
 use crate::dma::DmaTracker;
-use crate::virtio::block::backend::{BlockBackend, FileBackend, IoBuf, IoBufMut};
+use crate::virtio::block::backend::{BlockBackend, IoBuf, IoBufMut};
 use crate::virtio::block::{BlockConfig, IoEngine, VirtioBlock};
-use crate::virtio::testing::{iommu_memory, ro, wait_for, wo, Driver, IoMem, TestInterrupt};
-use crate::virtio::{Activation, ActiveQueue, VirtioDevice};
+use crate::virtio::testing::{
+    activation, iommu_memory, ro, unmap_wait, wait_for, wo, Driver, IoMem, TestInterrupt,
+};
+use crate::virtio::VirtioDevice;
 
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IMAGE: usize = 64 * 1024;
 const HDR: u64 = 0x1_0000;
 const STATUS: u64 = 0x2_0000;
 const DATA: u64 = 0x10_0000;
-
-/// A file backend whose reads and flushes wait for the test: each tells the test it
-/// started, then waits for a release.
-struct GatedBackend {
-    inner: FileBackend,
-    started: Mutex<Sender<&'static str>>,
-    release: Mutex<Receiver<()>>,
-}
-
-impl GatedBackend {
-    fn gate(&self, what: &'static str) {
-        let started = self.started.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = started.send(what);
-        drop(started);
-        let release = self.release.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = release.recv_timeout(Duration::from_secs(10));
-    }
-}
-
-impl BlockBackend for GatedBackend {
-    fn read_vectored(&self, offset: u64, bufs: &mut [IoBufMut<'_>]) -> io::Result<usize> {
-        self.gate("read");
-        self.inner.read_vectored(offset, bufs)
-    }
-    fn write_vectored(&self, offset: u64, bufs: &[IoBuf<'_>]) -> io::Result<usize> {
-        self.inner.write_vectored(offset, bufs)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.gate("flush");
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-}
 
 /// A backend whose io_uring file is a socket: a read stays in flight until the test
 /// sends the data.
@@ -112,21 +73,13 @@ impl<'a> Rig<'a> {
         let dma = DmaTracker::new();
         mem.iommu().watch(&dma);
         let driver = Driver::new(mem.get_backend(), 0, 16);
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = Arc::new(TestInterrupt::default());
+        let (mut act, mut kicks) = activation(mem, &[(0, &driver)], &irq);
+        act.dma = dma.clone();
         let dev: &mut dyn VirtioDevice<IoMem> = d;
         dev.set_acked_features(features);
-        dev.activate(Activation {
-            mem: mem.clone(),
-            queues: vec![ActiveQueue {
-                index: 0,
-                queue: driver.queue(),
-                notify: kick.try_clone().unwrap(),
-            }],
-            interrupt: irq.clone(),
-            dma: dma.clone(),
-        })
-        .unwrap();
+        dev.activate(act).unwrap();
+        let kick = kicks.remove(0);
         Self {
             mem,
             driver,
@@ -166,26 +119,23 @@ impl<'a> Rig<'a> {
     }
 }
 
-/// An IOMMU UNMAP's wait on another thread; the receiver hears when it returned.
-fn unmap_wait(dma: &DmaTracker) -> (Receiver<()>, JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel();
-    let dma = dma.clone();
-    let handle = thread::spawn(move || {
-        dma.wait_for_inflight();
-        let _ = tx.send(());
-    });
-    (rx, handle)
-}
-
-fn gated(image: &TempImage) -> (GatedBackend, Receiver<&'static str>, Sender<()>) {
+/// A file backend whose reads and flushes wait for the test: each tells the test it
+/// started, then waits for a release.
+fn gated(image: &TempImage) -> (HookedBackend, Receiver<BackendOp>, Sender<()>) {
     let (started_tx, started) = mpsc::channel();
     let (release, release_rx) = mpsc::channel();
-    let backend = GatedBackend {
-        inner: image.open(false),
-        started: Mutex::new(started_tx),
-        release: Mutex::new(release_rx),
-    };
+    let (started_tx, release_rx) = (Mutex::new(started_tx), Mutex::new(release_rx));
+    let backend = HookedBackend::new(image, move |op| {
+        if matches!(op, BackendOp::Read | BackendOp::Flush) {
+            let _ = lock(&started_tx).send(op);
+            let _ = lock(&release_rx).recv_timeout(Duration::from_secs(10));
+        }
+    });
     (backend, started, release)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn config(engine: IoEngine) -> BlockConfig {
@@ -204,7 +154,10 @@ fn a_read_holds_a_guard_while_it_moves_data() {
     let mem = iommu_memory();
     let mut rig = Rig::activate(&mut d, &mem, 0);
     rig.submit(VIRTIO_BLK_T_IN, 1024);
-    assert_eq!(started.recv_timeout(Duration::from_secs(10)), Ok("read"));
+    assert_eq!(
+        started.recv_timeout(Duration::from_secs(10)),
+        Ok(BackendOp::Read)
+    );
     // The backend is writing into guest memory: an UNMAP must wait.
     assert_eq!(rig.dma.inflight(), 1);
     let (done, waiter) = unmap_wait(&rig.dma);
@@ -230,7 +183,10 @@ fn a_flush_holds_no_guard_while_the_backend_syncs() {
     let mem = iommu_memory();
     let mut rig = Rig::activate(&mut d, &mem, 1 << VIRTIO_BLK_F_FLUSH);
     rig.submit(VIRTIO_BLK_T_FLUSH, 0);
-    assert_eq!(started.recv_timeout(Duration::from_secs(10)), Ok("flush"));
+    assert_eq!(
+        started.recv_timeout(Duration::from_secs(10)),
+        Ok(BackendOp::Flush)
+    );
     assert_eq!(rig.dma.inflight(), 0);
     let (done, waiter) = unmap_wait(&rig.dma);
     done.recv_timeout(Duration::from_secs(10))

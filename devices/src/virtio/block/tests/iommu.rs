@@ -5,18 +5,16 @@
 //! DMA guard.
 
 use virtio_bindings::bindings::virtio_blk::*;
-use virtio_queue::Queue;
 use vm_memory::Permissions;
 
-use super::request::both_engines;
+use super::request::{both_engines, Rig};
 use super::{disk, get, pattern, put, put_header, status_at, TempImage, FEATURES};
 use crate::dma::DmaTracker;
-use crate::virtio::block::engine::{IoEngine, QueueEngine};
-use crate::virtio::block::queue::{process_queue, QueueError, QueueStats};
+use crate::virtio::block::engine::IoEngine;
+use crate::virtio::block::queue::QueueError;
 use crate::virtio::block::request::Disk;
-use crate::virtio::block::uring::{UringEngine, UringRing};
 use crate::virtio::ring::RingError;
-use crate::virtio::testing::{iommu_memory, ro, wo, Buf, Driver, IoMem, Mem};
+use crate::virtio::testing::{iommu_memory, ro, wo, IoMem};
 
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
@@ -32,73 +30,22 @@ const PAGE: u64 = 0x1000;
 /// What the guest's data buffers hold before a request.
 const UNTOUCHED: u8 = 0xEE;
 
-/// One queue served by an engine, with guest memory behind the test IOMMU.
-struct IoRig<'a> {
-    mem: &'a IoMem,
-    driver: Driver<'a>,
-    queue: Queue,
-    disk: Disk,
-    uring: Option<UringEngine>,
-    dma: DmaTracker,
+/// One queue served by an engine, with guest memory behind the test IOMMU: the header
+/// and status pages mapped, the rings too unless `rings` is false; every translation
+/// watched by the rig's DMA tracker.
+fn io_rig(engine: IoEngine, mem: &IoMem, disk: Disk, rings: bool) -> Rig<'_, IoMem> {
+    let iommu = mem.iommu();
+    if rings {
+        iommu.map(0, PAGE, Permissions::ReadWrite);
+    }
+    iommu.map(HDR, PAGE, Permissions::Read);
+    iommu.map(STATUS, PAGE, Permissions::Write);
+    let dma = DmaTracker::new();
+    iommu.watch(&dma);
+    Rig::with_dma(engine, mem, disk, dma)
 }
 
-impl<'a> IoRig<'a> {
-    /// Maps the header and status pages; the rings are mapped unless `rings` is false.
-    fn new(engine: IoEngine, mem: &'a IoMem, disk: Disk, rings: bool) -> Self {
-        let driver = Driver::new(mem.get_backend(), 0, 16);
-        let queue = driver.queue();
-        let iommu = mem.iommu();
-        if rings {
-            iommu.map(0, PAGE, Permissions::ReadWrite);
-        }
-        iommu.map(HDR, PAGE, Permissions::Read);
-        iommu.map(STATUS, PAGE, Permissions::Write);
-        let dma = DmaTracker::new();
-        iommu.watch(&dma);
-        let uring = (engine == IoEngine::Uring).then(|| {
-            let fd = disk.backend.raw_file().unwrap();
-            UringEngine::new(UringRing::new(fd, 16).unwrap(), dma.clone())
-        });
-        Self {
-            mem,
-            driver,
-            queue,
-            disk,
-            uring,
-            dma,
-        }
-    }
-
-    fn phys(&self) -> &'a Mem {
-        self.mem.get_backend()
-    }
-
-    /// Serves the queue until nothing is in flight.
-    fn serve(&mut self) -> Result<QueueStats, QueueError> {
-        let (q, mem, disk) = (&mut self.queue, self.mem, &self.disk);
-        let Some(engine) = &mut self.uring else {
-            return process_queue(q, mem, disk, &self.dma, 64);
-        };
-        let mut stats = engine.serve(q, mem, disk, 64)?;
-        while QueueEngine::<IoMem>::in_flight(engine) > 0 {
-            stats.completed += engine.reap(q, mem, disk, true)?.completed;
-        }
-        Ok(stats)
-    }
-
-    /// Publishes `bufs` (status preset to 0xFF) and serves it; returns the used length.
-    fn submit(&mut self, bufs: &[Buf]) -> u32 {
-        put(self.phys(), STATUS, &[0xFF]);
-        let before = self.driver.used_idx();
-        let head = self.driver.add(bufs);
-        assert_eq!(self.serve().unwrap().completed, 1);
-        let (id, len) = self.driver.used(before);
-        assert_eq!(id, u32::from(head));
-        // Idle: no guard left behind.
-        assert_eq!(self.dma.inflight(), 0);
-        len
-    }
-
+impl Rig<'_, IoMem> {
     /// A request `kind` at sector 2 with `len` data bytes at `data`.
     fn request(&mut self, kind: u32, data: u64, len: u32) -> u32 {
         put_header(self.phys(), HDR, kind, 2);
@@ -108,10 +55,6 @@ impl<'a> IoRig<'a> {
             wo(data, len)
         };
         self.submit(&[ro(HDR, 16), data, wo(STATUS, 1)])
-    }
-
-    fn status(&self) -> u8 {
-        status_at(self.phys(), STATUS)
     }
 
     /// Fills `len` bytes of guest memory at `addr` with [`UNTOUCHED`].
@@ -127,7 +70,7 @@ impl<'a> IoRig<'a> {
 fn inaccessible_data_fails_the_request_only_on(engine: IoEngine) {
     let mem = iommu_memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = IoRig::new(engine, &mem, disk(&image, false, FEATURES), true);
+    let mut rig = io_rig(engine, &mem, disk(&image, false, FEATURES), true);
     let iommu = mem.iommu();
 
     // A read into two pages of which only the first is mapped: refused as a whole,
@@ -183,7 +126,7 @@ fn inaccessible_data_fails_the_request_only_on(engine: IoEngine) {
 fn unwritable_status_leaves_the_chain_unanswered_on(engine: IoEngine) {
     let mem = iommu_memory();
     let image = TempImage::new(IMAGE);
-    let mut rig = IoRig::new(engine, &mem, disk(&image, false, FEATURES), true);
+    let mut rig = io_rig(engine, &mem, disk(&image, false, FEATURES), true);
     let iommu = mem.iommu();
     iommu.map(DATA, PAGE, Permissions::Write);
     let status = STATUS + 0x1_0000;
@@ -202,7 +145,7 @@ fn unmapped_rings_are_device_errors_on(engine: IoEngine) {
     for (name, (start, len)) in [("descriptors", DESC), ("avail", AVAIL), ("used", USED)] {
         let mem = iommu_memory();
         let image = TempImage::new(IMAGE);
-        let mut rig = IoRig::new(engine, &mem, disk(&image, false, FEATURES), false);
+        let mut rig = io_rig(engine, &mem, disk(&image, false, FEATURES), false);
         // Everything around the rings but this one.
         let iommu = mem.iommu();
         iommu.map(0, PAGE, Permissions::ReadWrite);
@@ -210,7 +153,7 @@ fn unmapped_rings_are_device_errors_on(engine: IoEngine) {
         iommu.map(DATA, PAGE, Permissions::Write);
         put_header(rig.phys(), HDR, VIRTIO_BLK_T_IN, 0);
         rig.driver.add(&[ro(HDR, 16), wo(DATA, 512), wo(STATUS, 1)]);
-        let err = rig.serve().unwrap_err();
+        let err = rig.try_serve().unwrap_err();
         let ring = match err {
             QueueError::Ring(ring) => ring,
             other => panic!("{name}: not a ring error: {other}"),

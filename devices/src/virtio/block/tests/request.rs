@@ -1,7 +1,6 @@
 //! Requests through `process_queue` on hand-built rings: every request type, the
 //! descriptor layouts a driver may use, and malformed chains.
 
-use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -11,16 +10,18 @@ use virtio_bindings::bindings::virtio_ring::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::{disk, get, pattern, put, put_header, status_at, TempImage, FEATURES};
+use super::{
+    disk, get, pattern, put, put_header, status_at, uring_engine, BackendOp, HookedBackend,
+    TempImage, FEATURES,
+};
 use crate::dma::DmaTracker;
-use crate::virtio::block::backend::{BlockBackend, FileBackend, IoBuf, IoBufMut};
 use crate::virtio::block::engine::{IoEngine, QueueEngine};
-use crate::virtio::block::queue::{process_queue, QueueStats};
+use crate::virtio::block::queue::{process_queue, QueueError, QueueStats};
 use crate::virtio::block::request::Disk;
-use crate::virtio::block::uring::{UringEngine, UringRing};
-use crate::virtio::testing::{memory, ro, wo, Buf, Driver, Mem, MEM_SIZE};
+use crate::virtio::block::uring::UringEngine;
+use crate::virtio::testing::{memory, ro, wo, Buf, Driver, Mem, Physical, MEM_SIZE};
 
 /// Guest addresses of the test buffers (the ring sits at 0).
 pub(super) const HDR: u64 = 0x1_0000;
@@ -29,13 +30,15 @@ pub(super) const DATA: u64 = 0x10_0000;
 /// Image size of most tests: 64 KiB = 128 sectors.
 pub(super) const IMAGE: usize = 64 * 1024;
 
-/// A queue, its driver, a disk and the engine serving it (`None`: synchronous).
-pub(super) struct Rig<'a> {
-    pub mem: &'a Mem,
+/// A queue, its driver, a disk and the engine serving it (`None`: synchronous), over
+/// guest memory `M` (plain, or behind the test IOMMU) with the device's DMA tracker.
+pub(super) struct Rig<'a, M = Mem> {
+    pub mem: &'a M,
     pub driver: Driver<'a>,
     pub queue: Queue,
     pub disk: Disk,
     pub uring: Option<UringEngine>,
+    pub dma: DmaTracker,
 }
 
 impl<'a> Rig<'a> {
@@ -44,19 +47,29 @@ impl<'a> Rig<'a> {
     }
 
     pub fn with_engine(engine: IoEngine, mem: &'a Mem, disk: Disk) -> Self {
-        let driver = Driver::new(mem, 0, 16);
+        Rig::with_dma(engine, mem, disk, DmaTracker::untracked())
+    }
+}
+
+impl<'a, M: GuestMemory + Physical> Rig<'a, M> {
+    /// A 16-entry queue at 0, served under `dma`.
+    pub fn with_dma(engine: IoEngine, mem: &'a M, disk: Disk, dma: DmaTracker) -> Self {
+        let driver = Driver::new(mem.physical(), 0, 16);
         let queue = driver.queue();
-        let uring = (engine == IoEngine::Uring).then(|| {
-            let fd = disk.backend.raw_file().unwrap();
-            UringEngine::new(UringRing::new(fd, 16).unwrap(), DmaTracker::untracked())
-        });
+        let uring = (engine == IoEngine::Uring).then(|| uring_engine(&disk, 16, dma.clone()));
         Self {
             mem,
             driver,
             queue,
             disk,
             uring,
+            dma,
         }
+    }
+
+    /// Guest-physical memory, as the driver writes it.
+    pub fn phys(&self) -> &'a Mem {
+        self.mem.physical()
     }
 
     /// Publishes `bufs` as one chain and serves the queue; returns the used length
@@ -68,6 +81,7 @@ impl<'a> Rig<'a> {
     }
 
     /// Serves the queue, expecting exactly chain `head` back; returns its used length.
+    /// No DMA guard is left behind.
     pub fn serve_one(&mut self, head: u16) -> u32 {
         let before = self.driver.used_idx();
         let stats = self.serve();
@@ -75,28 +89,33 @@ impl<'a> Rig<'a> {
         assert_eq!(self.driver.used_idx(), before.wrapping_add(1));
         let (id, len) = self.driver.used(before);
         assert_eq!(id, u32::from(head));
+        assert_eq!(self.dma.inflight(), 0);
         len
     }
 
     /// Serves the queue until nothing is in flight.
     pub fn serve(&mut self) -> QueueStats {
-        let Some(engine) = &mut self.uring else {
-            let dma = DmaTracker::untracked();
-            return process_queue(&mut self.queue, self.mem, &self.disk, &dma, 64).unwrap();
-        };
+        self.try_serve().unwrap()
+    }
+
+    /// [`Self::serve`], with its ring error.
+    pub fn try_serve(&mut self) -> Result<QueueStats, QueueError> {
         let (q, mem, disk) = (&mut self.queue, self.mem, &self.disk);
-        let mut stats = engine.serve(q, mem, disk, 64).unwrap();
-        while QueueEngine::<Mem>::in_flight(engine) > 0 {
-            let more = engine.reap(q, mem, disk, true).unwrap();
+        let Some(engine) = &mut self.uring else {
+            return process_queue(q, mem, disk, &self.dma, 64);
+        };
+        let mut stats = engine.serve(q, mem, disk, 64)?;
+        while QueueEngine::<M>::in_flight(engine) > 0 {
+            let more = engine.reap(q, mem, disk, true)?;
             stats.completed += more.completed;
             stats.failed += more.failed;
             stats.notify |= more.notify;
         }
-        stats
+        Ok(stats)
     }
 
     pub fn status(&self) -> u8 {
-        status_at(self.mem, STATUS)
+        status_at(self.phys(), STATUS)
     }
 }
 
@@ -223,41 +242,15 @@ fn indirect_descriptors_on(engine: IoEngine) {
     assert_eq!(get(&mem, DATA, 1024), expected);
 }
 
-/// A file backend counting flushes.
-struct CountingBackend {
-    inner: FileBackend,
-    flushes: Arc<AtomicUsize>,
-}
-
-impl BlockBackend for CountingBackend {
-    fn read_vectored(&self, offset: u64, bufs: &mut [IoBufMut<'_>]) -> io::Result<usize> {
-        self.inner.read_vectored(offset, bufs)
-    }
-    fn write_vectored(&self, offset: u64, bufs: &[IoBuf<'_>]) -> io::Result<usize> {
-        self.inner.write_vectored(offset, bufs)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.flushes.fetch_add(1, Ordering::SeqCst);
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-}
-
 fn counting_disk(image: &TempImage, features: u64) -> (Disk, Arc<AtomicUsize>) {
     let flushes = Arc::new(AtomicUsize::new(0));
     let mut disk = disk(image, false, features);
-    disk.backend = Arc::new(CountingBackend {
-        inner: image.open(false),
-        flushes: flushes.clone(),
-    });
+    let count = flushes.clone();
+    disk.backend = Arc::new(HookedBackend::new(image, move |op| {
+        if op == BackendOp::Flush {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    }));
     (disk, flushes)
 }
 

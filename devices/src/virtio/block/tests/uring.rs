@@ -4,12 +4,12 @@
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_queue::Queue;
 
-use super::{disk, get, pattern, put, put_header, status_at, TempImage, FEATURES};
+use super::{disk, get, pattern, put, put_header, status_at, uring_engine, TempImage, FEATURES};
 use crate::dma::DmaTracker;
 use crate::virtio::block::engine::QueueEngine;
 use crate::virtio::block::queue::QueueStats;
 use crate::virtio::block::request::Disk;
-use crate::virtio::block::uring::{self, UringEngine, UringRing};
+use crate::virtio::block::uring::{self, UringEngine};
 use crate::virtio::block::{BlockConfig, BlockError, IoEngine, UringError, VirtioBlock};
 use crate::virtio::testing::{memory, ro, wo, Driver, Mem, MEM_SIZE};
 
@@ -34,8 +34,7 @@ impl<'a> Rig<'a> {
     fn new(mem: &'a Mem, disk: Disk) -> Self {
         let driver = Driver::new(mem, 0, 64);
         let queue = driver.queue();
-        let ring = UringRing::new(disk.backend.raw_file().unwrap(), 64).unwrap();
-        let mut engine = UringEngine::new(ring, DmaTracker::untracked());
+        let mut engine = uring_engine(&disk, 64, DmaTracker::untracked());
         engine.reverse_completions = true;
         Self {
             mem,

@@ -1,23 +1,22 @@
 //! The workers end to end: real threads and eventfds, guest memory shared with test
 //! drivers.
 
-use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use virtio_bindings::bindings::virtio_blk::*;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{block, dev};
 use super::request::both_engines;
-use super::{get, pattern, put, put_header, status_at, TempImage, FEATURES};
-use crate::virtio::block::backend::{BlockBackend, FileBackend, IoBuf, IoBufMut};
+use super::{
+    get, pattern, put, put_header, status_at, BackendOp, HookedBackend, TempImage, FEATURES,
+};
 use crate::virtio::block::engine::IoEngine;
 use crate::virtio::block::{BlockConfig, VirtioBlock};
 use crate::virtio::features::VIRTIO_F_EVENT_IDX;
-use crate::virtio::testing::{memory, ro, wait_for, wo, Driver, Mem, TestInterrupt};
-use crate::virtio::{Activation, ActiveQueue};
+use crate::virtio::testing::{activation, memory, ro, wait_for, wo, Driver, Mem, TestInterrupt};
 
 const IMAGE: usize = 64 * 1024;
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -35,11 +34,8 @@ fn activate<'a>(d: &mut VirtioBlock, mem: &'a Mem, queues: u16, features: u64) -
     let drivers: Vec<_> = (0..queues)
         .map(|q| Driver::new(mem, 0x8000 * u64::from(q), 16))
         .collect();
-    let kicks: Vec<_> = (0..queues)
-        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-        .collect();
     let irq = Arc::new(TestInterrupt::default());
-    activate_with(d, mem, &drivers, &kicks, &irq, features);
+    let kicks = activate_with(d, mem, &drivers, &irq, features);
     Rig {
         mem,
         drivers,
@@ -48,33 +44,20 @@ fn activate<'a>(d: &mut VirtioBlock, mem: &'a Mem, queues: u16, features: u64) -
     }
 }
 
+/// Acks `features` and activates `d` with `drivers` as queues 0, 1, ...; returns the
+/// notify eventfds.
 fn activate_with(
     d: &mut VirtioBlock,
     mem: &Mem,
     drivers: &[Driver],
-    kicks: &[EventFd],
     irq: &Arc<TestInterrupt>,
     features: u64,
-) {
+) -> Vec<EventFd> {
     dev(d).set_acked_features(features);
-    let queues = drivers
-        .iter()
-        .zip(kicks)
-        .enumerate()
-        .map(|(i, (driver, kick))| ActiveQueue {
-            index: i as u16,
-            queue: driver.queue(),
-            notify: kick.try_clone().unwrap(),
-        })
-        .collect();
-    dev(d)
-        .activate(Activation {
-            mem: mem.clone(),
-            queues,
-            interrupt: irq.clone(),
-            dma: Default::default(),
-        })
-        .unwrap();
+    let queues: Vec<(u16, &Driver)> = (0..).zip(drivers).collect();
+    let (act, kicks) = activation(mem, &queues, irq);
+    dev(d).activate(act).unwrap();
+    kicks
 }
 
 /// Guest addresses used by queue `q`: (header, data, status).
@@ -185,16 +168,8 @@ fn requests_published_before_activation_are_served_on(engine: IoEngine) {
     let (hdr, data, status) = bufs(0);
     put_header(&mem, hdr, VIRTIO_BLK_T_IN, 0);
     driver.add(&[ro(hdr, 16), wo(data, 512), wo(status, 1)]);
-    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = Arc::new(TestInterrupt::default());
-    activate_with(
-        &mut d,
-        &mem,
-        std::slice::from_ref(&driver),
-        &[kick],
-        &irq,
-        0,
-    );
+    activate_with(&mut d, &mem, std::slice::from_ref(&driver), &irq, 0);
     wait_for("the used ring", || driver.used_idx() == 1);
     assert_eq!(status_at(&mem, status), OK);
     let want: Vec<u8> = (0..512).map(pattern).collect();
@@ -247,45 +222,22 @@ fn a_broken_ring_needs_a_reset_on(engine: IoEngine) {
     dev(&mut d).reset();
 }
 
-/// A file backend whose reads wait until the gate opens.
-struct GatedBackend {
-    inner: FileBackend,
-    gate: Arc<(Mutex<bool>, Condvar)>,
-}
-
-impl BlockBackend for GatedBackend {
-    fn read_vectored(&self, offset: u64, bufs: &mut [IoBufMut<'_>]) -> io::Result<usize> {
-        let (open, cond) = &*self.gate;
-        let guard = open.lock().unwrap();
-        drop(cond.wait_while(guard, |open| !*open).unwrap());
-        self.inner.read_vectored(offset, bufs)
-    }
-    fn write_vectored(&self, offset: u64, bufs: &[IoBuf<'_>]) -> io::Result<usize> {
-        self.inner.write_vectored(offset, bufs)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-}
-
 #[test]
 fn two_queues_are_served_by_two_workers() {
     let mem = memory();
     let image = TempImage::new(IMAGE);
     let gate = Arc::new((Mutex::new(false), Condvar::new()));
-    let backend = GatedBackend {
-        inner: image.open(false),
-        gate: gate.clone(),
-    };
+    let held = gate.clone();
+    // Reads wait until the gate opens.
+    let backend = HookedBackend::new(&image, move |op| {
+        if op == BackendOp::Read {
+            let (open, cond) = &*held;
+            drop(
+                cond.wait_while(open.lock().unwrap(), |open| !*open)
+                    .unwrap(),
+            );
+        }
+    });
     let cfg = BlockConfig {
         num_queues: 2,
         ..Default::default()

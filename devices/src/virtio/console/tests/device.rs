@@ -2,14 +2,12 @@
 
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use super::{memory, Driver, Mem, SharedBuf, TestInterrupt};
+use super::{activation, memory, Driver, Mem, SharedBuf, TestInterrupt};
 use crate::virtio::console::{
     VirtioConsole, VIRTIO_CONSOLE_F_EMERG_WRITE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE,
 };
 use crate::virtio::features::{VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
-use crate::virtio::{device_type, ActivateError, Activation, ActiveQueue, VirtioDevice};
+use crate::virtio::{device_type, ActivateError, VirtioDevice};
 
 fn dev(d: &mut VirtioConsole) -> &mut dyn VirtioDevice<Mem> {
     d
@@ -78,22 +76,6 @@ fn emerg_wr_outputs_one_character() {
     assert_eq!(config(&mut c, 0, 12)[8..], [0; 4]);
 }
 
-fn activation(mem: &Mem, drivers: &[(u16, &Driver)], irq: &Arc<TestInterrupt>) -> Activation<Mem> {
-    Activation {
-        mem: mem.clone(),
-        queues: drivers
-            .iter()
-            .map(|(index, d)| ActiveQueue {
-                index: *index,
-                queue: d.queue(),
-                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
-            })
-            .collect(),
-        interrupt: irq.clone(),
-        dma: Default::default(),
-    }
-}
-
 #[test]
 fn activation_errors_leave_the_device_usable() {
     let mem = memory();
@@ -103,25 +85,25 @@ fn activation_errors_leave_the_device_usable() {
     let (mut c, _) = console();
 
     let err = dev(&mut c)
-        .activate(activation(&mem, &[(0, &rx)], &irq))
+        .activate(activation(&mem, &[(0, &rx)], &irq).0)
         .unwrap_err();
     assert!(matches!(err, ActivateError::MissingQueue(1)), "{err}");
     let err = dev(&mut c)
-        .activate(activation(&mem, &[(1, &tx)], &irq))
+        .activate(activation(&mem, &[(1, &tx)], &irq).0)
         .unwrap_err();
     assert!(matches!(err, ActivateError::MissingQueue(0)), "{err}");
     let err = dev(&mut c)
-        .activate(activation(&mem, &[(0, &rx), (1, &tx), (2, &tx)], &irq))
+        .activate(activation(&mem, &[(0, &rx), (1, &tx), (2, &tx)], &irq).0)
         .unwrap_err();
     assert!(matches!(err, ActivateError::Invalid(_)), "{err}");
     assert!(!c.is_active());
 
     dev(&mut c)
-        .activate(activation(&mem, &[(0, &rx), (1, &tx)], &irq))
+        .activate(activation(&mem, &[(0, &rx), (1, &tx)], &irq).0)
         .unwrap();
     assert!(c.is_active());
     let err = dev(&mut c)
-        .activate(activation(&mem, &[(0, &rx), (1, &tx)], &irq))
+        .activate(activation(&mem, &[(0, &rx), (1, &tx)], &irq).0)
         .unwrap_err();
     assert!(matches!(err, ActivateError::Invalid(_)), "{err}");
     dev(&mut c).reset();
@@ -142,7 +124,7 @@ fn resize_signals_a_config_change_when_negotiated() {
 
     dev(&mut c).set_acked_features(VIRTIO_CONSOLE_F_SIZE);
     dev(&mut c)
-        .activate(activation(&mem, &[(0, &rx), (1, &tx)], &irq))
+        .activate(activation(&mem, &[(0, &rx), (1, &tx)], &irq).0)
         .unwrap();
     c.set_size(120, 40);
     assert_eq!(config(&mut c, 0, 4), [120, 0, 40, 0]);
@@ -151,7 +133,7 @@ fn resize_signals_a_config_change_when_negotiated() {
 
     // Not negotiated: the size changes, no interrupt.
     dev(&mut c)
-        .activate(activation(&mem, &[(0, &rx), (1, &tx)], &irq))
+        .activate(activation(&mem, &[(0, &rx), (1, &tx)], &irq).0)
         .unwrap();
     c.set_size(90, 20);
     assert_eq!(irq.config.load(std::sync::atomic::Ordering::SeqCst), 1);

@@ -7,35 +7,20 @@ use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, Permissions};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::Permissions;
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{ro, wait_for, wo, Driver, TestInterrupt};
+use super::{activation, get, put, ro, wait_for, wo, Driver, TestInterrupt};
 use crate::dma::DmaTracker;
 use crate::virtio::console::queue::{fill_rx, process_tx};
 use crate::virtio::console::{InputSource, VirtioConsole, RX_QUEUE, TX_QUEUE};
-use crate::virtio::testing::{iommu_memory, IoMem};
-use crate::virtio::{Activation, ActiveQueue, VirtioDevice};
+use crate::virtio::testing::{iommu_memory, unmap_wait, IoMem};
+use crate::virtio::VirtioDevice;
 
 const PAGE: u64 = 0x1000;
 const BUF: u64 = 0x10_0000;
-
-fn put(mem: &IoMem, addr: u64, bytes: &[u8]) {
-    mem.get_backend()
-        .write_slice(bytes, GuestAddress(addr))
-        .unwrap();
-}
-
-fn get(mem: &IoMem, addr: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0; len];
-    mem.get_backend()
-        .read_slice(&mut v, GuestAddress(addr))
-        .unwrap();
-    v
-}
 
 /// Memory behind the IOMMU with the rings (first page) mapped, watched by a tracker.
 fn guarded_memory() -> (IoMem, DmaTracker) {
@@ -130,28 +115,12 @@ fn worker_holds_no_guard_while_the_sink_blocks_or_when_idle() {
     mem.iommu().watch(&dma);
     let mut rx = Driver::new(mem.get_backend(), 0, 16);
     let mut tx = Driver::new(mem.get_backend(), 0x8000, 16);
-    let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let tx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = Arc::new(TestInterrupt::default());
+    let (mut act, kicks) = activation(&mem, &[(RX_QUEUE, &rx), (TX_QUEUE, &tx)], &irq);
+    act.dma = dma.clone();
+    let [rx_kick, tx_kick] = <[EventFd; 2]>::try_from(kicks).unwrap();
     let d: &mut dyn VirtioDevice<IoMem> = &mut dev;
-    d.activate(Activation {
-        mem: mem.clone(),
-        queues: vec![
-            ActiveQueue {
-                index: RX_QUEUE,
-                queue: rx.queue(),
-                notify: rx_kick.try_clone().unwrap(),
-            },
-            ActiveQueue {
-                index: TX_QUEUE,
-                queue: tx.queue(),
-                notify: tx_kick.try_clone().unwrap(),
-            },
-        ],
-        interrupt: irq.clone(),
-        dma: dma.clone(),
-    })
-    .unwrap();
+    d.activate(act).unwrap();
 
     put(&mem, BUF, b"hello");
     tx.add(&[ro(BUF, 5)]);
@@ -161,14 +130,7 @@ fn worker_holds_no_guard_while_the_sink_blocks_or_when_idle() {
     // The sink blocks with the bytes copied out of guest memory: no guard, so an
     // UNMAP goes through.
     assert_eq!(dma.inflight(), 0, "a guard is held while the sink blocks");
-    let (done_tx, done) = mpsc::channel();
-    let waiter = {
-        let dma = dma.clone();
-        thread::spawn(move || {
-            dma.wait_for_inflight();
-            let _ = done_tx.send(());
-        })
-    };
+    let (done, waiter) = unmap_wait(&dma);
     done.recv_timeout(Duration::from_secs(10))
         .expect("an UNMAP waited for the sink");
     waiter.join().unwrap();

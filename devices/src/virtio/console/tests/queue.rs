@@ -5,23 +5,12 @@ use std::io::{self, Write};
 
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_USED_F_NO_NOTIFY};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress};
 
-use super::{memory, ro, wo, Driver, MEM_SIZE};
+use super::{get, memory, put, ro, wo, Driver, MEM_SIZE};
 use crate::dma::DmaTracker;
 use crate::virtio::console::queue::{fill_rx, process_tx, QueueError, RxStats, TxStats};
 
 const BUF: u64 = 0x10_0000;
-
-fn put(mem: &super::Mem, addr: u64, bytes: &[u8]) {
-    mem.write_slice(bytes, GuestAddress(addr)).unwrap();
-}
-
-fn get(mem: &super::Mem, addr: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0; len];
-    mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-    v
-}
 
 #[test]
 fn tx_chain_of_two_buffers_in_order() {

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{memory, ro, wait_for, wo, Driver, Mem, SharedBuf, TestInterrupt};
+use super::{activation, memory, ro, wait_for, wo, Driver, Mem, SharedBuf, TestInterrupt};
 use crate::virtio::console::{InputSource, VirtioConsole, MAX_PENDING_INPUT, RX_QUEUE, TX_QUEUE};
 use crate::virtio::features::VIRTIO_F_EVENT_IDX;
-use crate::virtio::{Activation, ActiveQueue, VirtioDevice};
+use crate::virtio::VirtioDevice;
 
 /// Guest data buffers live from here on (the rings sit below 1 MiB).
 const BUF: u64 = 0x10_0000;
@@ -38,29 +38,12 @@ fn activate<'a>(
 ) -> Rig<'a> {
     let rx = Driver::new(mem, base, size);
     let tx = Driver::new(mem, base + 0x8000, size);
-    let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let tx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = Arc::new(TestInterrupt::default());
+    let (act, kicks) = activation(mem, &[(RX_QUEUE, &rx), (TX_QUEUE, &tx)], &irq);
+    let [rx_kick, tx_kick] = <[EventFd; 2]>::try_from(kicks).unwrap();
     let d: &mut dyn VirtioDevice<Mem> = dev;
     d.set_acked_features(features);
-    d.activate(Activation {
-        mem: mem.clone(),
-        queues: vec![
-            ActiveQueue {
-                index: RX_QUEUE,
-                queue: rx.queue(),
-                notify: rx_kick.try_clone().unwrap(),
-            },
-            ActiveQueue {
-                index: TX_QUEUE,
-                queue: tx.queue(),
-                notify: tx_kick.try_clone().unwrap(),
-            },
-        ],
-        interrupt: irq.clone(),
-        dma: Default::default(),
-    })
-    .unwrap();
+    d.activate(act).unwrap();
     Rig {
         mem,
         rx,

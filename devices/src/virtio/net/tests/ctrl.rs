@@ -47,6 +47,11 @@ fn pairs(n: usize) -> (Pairs, Vec<Arc<super::FakeTap>>, Vec<EventFd>) {
     (p, taps, wakes)
 }
 
+/// The control queue's view of the device: `pairs`, CTRL_RX and MQ negotiated or not.
+fn ctx(pairs: &Pairs, ctrl_rx: bool, mq: bool) -> CtrlCtx<'_> {
+    CtrlCtx { ctrl_rx, mq, pairs }
+}
+
 /// Runs `cmds` (bytes, with ack) one by one; returns each (used length, ack byte).
 fn run(ctx: &CtrlCtx<'_>, stats: &NetStats, cmds: &[(&[u8], bool)]) -> Vec<(u32, u8)> {
     let mem = memory();
@@ -73,11 +78,7 @@ fn ctrl_mq_vq_pairs_set() {
         assert_eq!(t.enable_calls(), [false]);
     }
     let stats = NetStats::default();
-    let ctx = CtrlCtx {
-        ctrl_rx: true,
-        mq: true,
-        pairs: &p,
-    };
+    let ctx = ctx(&p, true, true);
     let set = |n: u16| {
         let mut v = vec![4u8, 0];
         v.extend(n.to_le_bytes());
@@ -123,11 +124,7 @@ fn ctrl_mq_vq_pairs_set() {
 fn ctrl_rx_mode_and_mac_tables() {
     let (p, _taps, _wakes) = pairs(1);
     let stats = NetStats::default();
-    let ctx = CtrlCtx {
-        ctrl_rx: true,
-        mq: false,
-        pairs: &p,
-    };
+    let ctx = ctx(&p, true, false);
     let promisc: &[u8] = &[0, 0, 1];
     let allmulti: &[u8] = &[0, 1, 0];
     let promisc_long: &[u8] = &[0, 0, 1, 1];
@@ -185,11 +182,7 @@ fn ctrl_rx_mode_and_mac_tables() {
 fn ctrl_chain_without_ack_byte_is_dropped() {
     let (p, _taps, _wakes) = pairs(1);
     let stats = NetStats::default();
-    let ctx = CtrlCtx {
-        ctrl_rx: true,
-        mq: false,
-        pairs: &p,
-    };
+    let ctx = ctx(&p, true, false);
     let promisc: &[u8] = &[0, 0, 1];
     let answers = run(&ctx, &stats, &[(promisc, false), (promisc, true)]);
     // No ack: used length 0, nothing written; the next command is answered.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{fake_backend, frame, read, FakeTap, Peer};
 use crate::virtio::features::VIRTIO_F_EVENT_IDX;
@@ -13,8 +13,8 @@ use crate::virtio::net::backend::offload::*;
 use crate::virtio::net::features::*;
 use crate::virtio::net::header::VnetHeader;
 use crate::virtio::net::{NetConfig, VirtioNet};
-use crate::virtio::testing::{memory, ro, wait_for, wo, Driver, Mem, TestInterrupt};
-use crate::virtio::{device_type, ActivateError, Activation, ActiveQueue, VirtioDevice};
+use crate::virtio::testing::{activation, memory, ro, wait_for, wo, Driver, Mem, TestInterrupt};
+use crate::virtio::{device_type, ActivateError, VirtioDevice};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const ALL_TUN: u32 = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UFO;
@@ -30,34 +30,6 @@ fn net(pairs: usize, offloads: u32) -> (VirtioNet, Vec<Arc<FakeTap>>, Vec<Peer>)
         queue_size: 256,
     };
     (VirtioNet::new(backend, config), taps, peers)
-}
-
-/// Queues for an activation, and a handle on each notify eventfd.
-fn activation(
-    mem: &Mem,
-    drivers: &[(u16, &Driver)],
-    irq: &Arc<TestInterrupt>,
-) -> (Activation<Mem>, Vec<EventFd>) {
-    let mut kicks = Vec::new();
-    let queues = drivers
-        .iter()
-        .map(|(index, d)| {
-            let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-            kicks.push(notify.try_clone().unwrap());
-            ActiveQueue {
-                index: *index,
-                queue: d.queue(),
-                notify,
-            }
-        })
-        .collect();
-    let act = Activation {
-        mem: mem.clone(),
-        queues,
-        interrupt: irq.clone(),
-        dma: Default::default(),
-    };
-    (act, kicks)
 }
 
 fn config(d: &mut VirtioNet, offset: u64, len: usize) -> Vec<u8> {

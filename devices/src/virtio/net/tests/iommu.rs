@@ -3,24 +3,22 @@
 //! DMA guard, and no guard is held while a worker waits (for room in a full TAP, for
 //! receive buffers) or idles.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, Permissions};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::Permissions;
 
-use super::{fake_backend, fake_tap, frame};
+use super::{fake_backend, frame, Host};
 use crate::dma::DmaTracker;
 use crate::virtio::net::header::{TxOffloads, VnetHeader, MAX_PLAIN_FRAME};
-use crate::virtio::net::rx::{process_rx, RxFill, RxParams};
-use crate::virtio::net::stats::NetStats;
-use crate::virtio::net::tx::process_tx;
+use crate::virtio::net::rx::{RxFill, RxParams};
 use crate::virtio::net::{NetConfig, VirtioNet};
-use crate::virtio::testing::{iommu_memory, ro, wait_for, wo, Driver, IoMem, TestInterrupt};
-use crate::virtio::{Activation, ActiveQueue, VirtioDevice};
+use crate::virtio::testing::{
+    activation, get, iommu_memory, put, ro, unmap_wait, wait_for, wo, Driver, IoMem, TestInterrupt,
+};
+use crate::virtio::VirtioDevice;
 
 const PAGE: u64 = 0x1000;
 const BUF: u64 = 0x10_0000;
@@ -37,29 +35,20 @@ const PLAIN: RxParams = RxParams {
     guest_csum: false,
 };
 
-fn put(mem: &IoMem, addr: u64, bytes: &[u8]) {
-    mem.get_backend()
-        .write_slice(bytes, GuestAddress(addr))
-        .unwrap();
-}
-
-fn get(mem: &IoMem, addr: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0; len];
-    mem.get_backend()
-        .read_slice(&mut v, GuestAddress(addr))
-        .unwrap();
-    v
+/// Memory behind the test IOMMU with only the rings (first page) mapped.
+fn rings_mapped() -> IoMem {
+    let mem = iommu_memory();
+    mem.iommu().map(0, PAGE, Permissions::ReadWrite);
+    mem
 }
 
 #[test]
 fn tx_from_inaccessible_buffers_is_dropped_and_counted() {
-    let mem = iommu_memory();
+    let mem = rings_mapped();
     let iommu = mem.iommu();
-    iommu.map(0, PAGE, Permissions::ReadWrite);
     let mut d = Driver::new(mem.get_backend(), 0, 16);
     let mut q = d.queue();
-    let (tap, peer) = fake_tap();
-    let stats = NetStats::default();
+    let h = Host::new();
     let f = frame(VnetHeader::default(), 100, 3);
     // Header and payload in two buffers of their own page each, for three frames.
     for i in 0..3 {
@@ -74,25 +63,23 @@ fn tx_from_inaccessible_buffers_is_dropped_and_counted() {
     iommu.map(BUF + 0x1_0000 + PAGE, PAGE, Permissions::Read);
     iommu.revoke_after(BUF + 0x1_0000 + PAGE, 100, 1);
     iommu.map(BUF + 0x2_0000 + PAGE, PAGE, Permissions::Read);
-    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &NO_OFFLOADS, &stats, 64).unwrap();
+    let r = h.tx(&mut q, &mem, &NO_OFFLOADS, 64).unwrap();
     assert_eq!(r.completed, 3);
-    assert_eq!(peer.recv(), f);
-    assert_eq!(peer.try_recv(), None);
+    assert_eq!(h.peer.recv(), f);
+    assert_eq!(h.peer.try_recv(), None);
     assert_eq!((d.used(0).1, d.used(1).1, d.used(2).1), (0, 0, 0));
-    let s = stats.snapshot();
+    let s = h.stats.snapshot();
     assert_eq!((s.tx_frames, s.tx_malformed), (1, 2));
     assert!(iommu.faults() >= 2);
 }
 
 #[test]
 fn rx_into_inaccessible_buffers_is_refused_and_counted() {
-    let mem = iommu_memory();
+    let mem = rings_mapped();
     let iommu = mem.iommu();
-    iommu.map(0, PAGE, Permissions::ReadWrite);
     let mut d = Driver::new(mem.get_backend(), 0, 16);
     let mut q = d.queue();
-    let (tap, peer) = fake_tap();
-    let stats = NetStats::default();
+    let h = Host::new();
     // Chain 0 unmapped, chain 1 read-only for the device, chain 2 fine.
     d.add(&[wo(BUF, 1526)]);
     iommu.map(BUF + 0x1_0000, PAGE, Permissions::Read);
@@ -100,15 +87,14 @@ fn rx_into_inaccessible_buffers_is_refused_and_counted() {
     iommu.map(BUF + 0x2_0000, PAGE, Permissions::Write);
     let good = d.add(&[wo(BUF + 0x2_0000, 1526)]);
     let f = frame(VnetHeader::default(), 200, 5);
-    peer.send(&f);
-    let fd = tap.as_raw_fd();
-    let r = process_rx(&mut q, &mem, fd, &PLAIN, &stats, 64, RxFill::Full).unwrap();
+    h.peer.send(&f);
+    let r = h.rx(&mut q, &mem, &PLAIN, RxFill::Full);
     assert_eq!((r.frames, r.completed), (1, 3));
     assert_eq!((d.used(0).1, d.used(1).1), (0, 0));
     assert_eq!(d.used(2), (u32::from(good), f.len() as u32));
     let got = get(&mem, BUF + 0x2_0000, f.len());
     assert_eq!(got[12..], f[12..]);
-    let s = stats.snapshot();
+    let s = h.stats.snapshot();
     assert_eq!((s.rx_frames, s.rx_malformed), (1, 2));
 }
 
@@ -126,29 +112,11 @@ fn workers_hold_no_guard_while_waiting_for_the_tap_or_buffers() {
     let mut n = VirtioNet::new(backend, config);
     let mut rx = Driver::new(mem.get_backend(), 0, 16);
     let mut tx = Driver::new(mem.get_backend(), 0x1000, 16);
-    let kicks: Vec<EventFd> = (0..2)
-        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-        .collect();
     let irq = Arc::new(TestInterrupt::default());
+    let (mut act, kicks) = activation(&mem, &[(0, &rx), (1, &tx)], &irq);
+    act.dma = dma.clone();
     let dev: &mut dyn VirtioDevice<IoMem> = &mut n;
-    dev.activate(Activation {
-        mem: mem.clone(),
-        queues: vec![
-            ActiveQueue {
-                index: 0,
-                queue: rx.queue(),
-                notify: kicks[0].try_clone().unwrap(),
-            },
-            ActiveQueue {
-                index: 1,
-                queue: tx.queue(),
-                notify: kicks[1].try_clone().unwrap(),
-            },
-        ],
-        interrupt: irq.clone(),
-        dma: dma.clone(),
-    })
-    .unwrap();
+    dev.activate(act).unwrap();
 
     // Let the workers finish their first pass before counting.
     wait_for("the first pass", || {
@@ -170,14 +138,7 @@ fn workers_hold_no_guard_while_waiting_for_the_tap_or_buffers() {
         mem.iommu().translations() >= before + 8
     });
     wait_for("no guard while the TAP is full", || dma.inflight() == 0);
-    let (done_tx, done) = mpsc::channel();
-    let waiter = {
-        let dma = dma.clone();
-        thread::spawn(move || {
-            dma.wait_for_inflight();
-            let _ = done_tx.send(());
-        })
-    };
+    let (done, waiter) = unmap_wait(&dma);
     done.recv_timeout(Duration::from_secs(10))
         .expect("an UNMAP waited for room in the TAP");
     waiter.join().unwrap();

@@ -1,11 +1,8 @@
 //! The transmitq logic on hand-built rings and a fake TAP.
 
-use std::os::fd::AsRawFd;
-
-use super::{fake_tap, frame, scatter};
+use super::{frame, scatter, Host};
 use crate::virtio::net::header::{TxOffloads, VnetHeader, MAX_GSO_FRAME};
-use crate::virtio::net::stats::NetStats;
-use crate::virtio::net::tx::{process_tx, TxResult};
+use crate::virtio::net::tx::TxResult;
 use crate::virtio::ring::RingError;
 use crate::virtio::testing::{memory, ro, wo, Buf, Driver};
 
@@ -26,8 +23,7 @@ fn tx_frame_split_over_descriptors_arrives_intact() {
     let mem = memory();
     let mut d = Driver::new(&mem, 0, 16);
     let mut q = d.queue();
-    let (tap, peer) = fake_tap();
-    let stats = NetStats::default();
+    let h = Host::new();
     let hdr = VnetHeader {
         flags: 1,
         csum_start: 34,
@@ -38,7 +34,7 @@ fn tx_frame_split_over_descriptors_arrives_intact() {
     // The header itself is split: 5 bytes, then 7 + 40 payload bytes, then 60.
     let head = d.add(&bufs(&scatter(&mem, 0x10_0000, &f, &[5, 47, 60])));
 
-    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 64).unwrap();
+    let r = h.tx(&mut q, &mem, &CSUM, 64).unwrap();
     assert_eq!(
         r,
         TxResult {
@@ -48,11 +44,11 @@ fn tx_frame_split_over_descriptors_arrives_intact() {
             more: false
         }
     );
-    assert_eq!(peer.recv(), f);
-    assert_eq!(peer.try_recv(), None);
+    assert_eq!(h.peer.recv(), f);
+    assert_eq!(h.peer.try_recv(), None);
     assert_eq!(d.used_idx(), 1);
     assert_eq!(d.used(0), (u32::from(head), 0));
-    let s = stats.snapshot();
+    let s = h.stats.snapshot();
     assert_eq!((s.tx_frames, s.tx_bytes, s.tx_malformed), (1, 100, 0));
 }
 
@@ -61,8 +57,7 @@ fn tx_bad_chains_are_dropped_and_counted() {
     let mem = memory();
     let mut d = Driver::new(&mem, 0, 16);
     let mut q = d.queue();
-    let (tap, peer) = fake_tap();
-    let stats = NetStats::default();
+    let h = Host::new();
     let bad_gso = frame(
         VnetHeader {
             gso_type: 5,
@@ -97,16 +92,16 @@ fn tx_bad_chains_are_dropped_and_counted() {
     ];
     heads.push(d.add(&bufs(&scatter(&mem, 0x70_0000, &good, &[92]))));
 
-    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 64).unwrap();
+    let r = h.tx(&mut q, &mem, &CSUM, 64).unwrap();
     assert_eq!(r.completed, heads.len());
     assert!(r.notify && !r.blocked);
     for (i, head) in heads.iter().enumerate() {
         assert_eq!(d.used(i as u16), (u32::from(*head), 0), "chain {i}");
     }
     // Only the good frame went out.
-    assert_eq!(peer.recv(), good);
-    assert_eq!(peer.try_recv(), None);
-    let s = stats.snapshot();
+    assert_eq!(h.peer.recv(), good);
+    assert_eq!(h.peer.try_recv(), None);
+    let s = h.stats.snapshot();
     assert_eq!((s.tx_frames, s.tx_malformed, s.tx_error), (1, 6, 0));
 
     // NEEDS_CSUM is refused without VIRTIO_NET_F_CSUM.
@@ -122,9 +117,9 @@ fn tx_bad_chains_are_dropped_and_counted() {
     );
     d.add(&bufs(&scatter(&mem, 0x10_0000, &csum, &[72])));
     let none = TxOffloads::default();
-    process_tx(&mut q, &mem, tap.as_raw_fd(), &none, &stats, 64).unwrap();
-    assert_eq!(peer.try_recv(), None);
-    assert_eq!(stats.snapshot().tx_malformed, 7);
+    h.tx(&mut q, &mem, &none, 64).unwrap();
+    assert_eq!(h.peer.try_recv(), None);
+    assert_eq!(h.stats.snapshot().tx_malformed, 7);
 }
 
 #[test]
@@ -132,32 +127,31 @@ fn tx_waits_for_room_when_the_host_is_full() {
     let mem = memory();
     let mut d = Driver::new(&mem, 0, 16);
     let mut q = d.queue();
-    let (tap, peer) = fake_tap();
-    let stats = NetStats::default();
-    let filler = tap.fill();
+    let h = Host::new();
+    let filler = h.tap.fill();
     assert!(filler > 0);
     let f = frame(VnetHeader::default(), 1000, 9);
     let head = d.add(&bufs(&scatter(&mem, 0x10_0000, &f, &[12, 1000])));
 
-    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 64).unwrap();
+    let r = h.tx(&mut q, &mem, &CSUM, 64).unwrap();
     assert!(r.blocked);
     assert_eq!(r.completed, 0);
     assert_eq!(d.used_idx(), 0);
-    assert_eq!(stats.snapshot(), Default::default());
+    assert_eq!(h.stats.snapshot(), Default::default());
     // Still blocked: nothing is dropped, the chain stays available.
-    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 64).unwrap();
+    let r = h.tx(&mut q, &mem, &CSUM, 64).unwrap();
     assert!(r.blocked);
     assert_eq!(d.used_idx(), 0);
 
     for _ in 0..filler {
-        assert!(peer.try_recv().is_some());
+        assert!(h.peer.try_recv().is_some());
     }
-    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 64).unwrap();
+    let r = h.tx(&mut q, &mem, &CSUM, 64).unwrap();
     assert!(!r.blocked);
     assert_eq!(r.completed, 1);
     assert_eq!(d.used(0), (u32::from(head), 0));
-    assert_eq!(peer.recv(), f);
-    assert_eq!(stats.snapshot().tx_frames, 1);
+    assert_eq!(h.peer.recv(), f);
+    assert_eq!(h.stats.snapshot().tx_frames, 1);
 }
 
 #[test]
@@ -165,22 +159,21 @@ fn tx_budget_and_ring_errors() {
     let mem = memory();
     let mut d = Driver::new(&mem, 0, 16);
     let mut q = d.queue();
-    let (tap, peer) = fake_tap();
-    let stats = NetStats::default();
+    let h = Host::new();
     let f = frame(VnetHeader::default(), 60, 1);
     for i in 0..3 {
         d.add(&bufs(&scatter(&mem, 0x10_0000 * (i + 1), &f, &[72])));
     }
-    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 2).unwrap();
+    let r = h.tx(&mut q, &mem, &CSUM, 2).unwrap();
     assert_eq!((r.completed, r.more), (2, true));
-    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 2).unwrap();
+    let r = h.tx(&mut q, &mem, &CSUM, 2).unwrap();
     assert_eq!((r.completed, r.more), (1, false));
     for _ in 0..3 {
-        assert_eq!(peer.recv(), f);
+        assert_eq!(h.peer.recv(), f);
     }
     // An avail index more than the queue size ahead is a ring error.
     d.set_avail_idx(d.avail_idx().wrapping_add(100));
-    let err = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 64).unwrap_err();
+    let err = h.tx(&mut q, &mem, &CSUM, 64).unwrap_err();
     assert!(matches!(err, RingError::AvailRing(_)), "{err}");
 }
 
@@ -191,8 +184,7 @@ fn tx_unknown_header_flags_are_ignored() {
     let mem = memory();
     let mut d = Driver::new(&mem, 0, 16);
     let mut q = d.queue();
-    let (tap, peer) = fake_tap();
-    let stats = NetStats::default();
+    let h = Host::new();
     let hdr = VnetHeader {
         // NEEDS_CSUM, DATA_VALID and RSC_INFO (which a driver must not set) and 0x80.
         flags: 0x87,
@@ -202,12 +194,12 @@ fn tx_unknown_header_flags_are_ignored() {
     };
     let f = frame(hdr, 100, 7);
     let head = d.add(&bufs(&scatter(&mem, 0x10_0000, &f, &[112])));
-    let r = process_tx(&mut q, &mem, tap.as_raw_fd(), &CSUM, &stats, 64).unwrap();
+    let r = h.tx(&mut q, &mem, &CSUM, 64).unwrap();
     assert_eq!(r.completed, 1);
     assert_eq!(d.used(0), (u32::from(head), 0));
     let mut expected = f.clone();
     expected[0] = 1;
-    assert_eq!(peer.recv(), expected);
-    let s = stats.snapshot();
+    assert_eq!(h.peer.recv(), expected);
+    let s = h.stats.snapshot();
     assert_eq!((s.tx_frames, s.tx_malformed), (1, 0));
 }
