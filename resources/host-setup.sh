@@ -16,8 +16,9 @@ for arg in "$@"; do
 done
 
 # Tools the build and resources/build-guest.sh use (busybox-static is fetched as a
-# .deb by build-guest.sh itself, so it need not be installed).
-need=(gcc libc6-dev zstd cpio)
+# .deb by build-guest.sh itself, so it need not be installed). iproute2: the net tests
+# make a network namespace and a TAP with `ip`.
+need=(gcc libc6-dev zstd cpio iproute2)
 [ "$with_qemu" = 1 ] && need+=(qemu-system-x86)
 [ "$with_fio" = 1 ] && need+=(fio binutils)
 

@@ -30,6 +30,9 @@ pub struct Boot {
     pub extra_cmdline: String,
     /// Passed as ferrio's `--timeout`; the harness kills the VMM a little later.
     pub timeout: Duration,
+    /// A network namespace handle (`/run/netns/NAME`) the VMM joins before it runs,
+    /// e.g. to open a TAP that exists only there (see [`crate::NetNs`]).
+    pub netns: Option<PathBuf>,
 }
 
 impl Boot {
@@ -42,6 +45,7 @@ impl Boot {
             extra_args: Vec::new(),
             extra_cmdline: String::new(),
             timeout: Duration::from_secs(600),
+            netns: None,
         }
     }
 
@@ -57,6 +61,12 @@ impl Boot {
 
     pub fn timeout(mut self, timeout: Duration) -> Boot {
         self.timeout = timeout;
+        self
+    }
+
+    /// Runs the VMM inside the network namespace `ns`.
+    pub fn netns(mut self, ns: &Path) -> Boot {
+        self.netns = Some(ns.to_path_buf());
         self
     }
 
@@ -87,6 +97,9 @@ impl Boot {
             .args(["--serial", "stdio", "--timeout"])
             .arg(self.timeout.as_secs().max(1).to_string())
             .args(&self.extra_args);
+        if let Some(ns) = &self.netns {
+            crate::netns::enter_on_exec(&mut cmd, ns);
+        }
         cmd
     }
 }

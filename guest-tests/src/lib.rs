@@ -8,7 +8,10 @@
 mod boot;
 mod error;
 mod image;
+mod iommu_machine;
 mod live;
+mod net_peer;
+mod netns;
 mod outcome;
 mod protocol;
 mod qemu;
@@ -20,10 +23,13 @@ use std::path::{Path, PathBuf};
 pub use boot::{boot_lock, run, run_command, run_with, Boot};
 pub use error::{Error, Result};
 pub use image::{ensure_image, ferrio_binary, read_manifest, GuestImage};
+pub use iommu_machine::{IommuDevice, IommuMachine, Vmm, VMM_ENV};
 pub use live::LiveGuest;
+pub use net_peer::{direction_mbps, wire as net_wire, FlowReport, NetPeer};
+pub use netns::{enter_on_exec, NetNs};
 pub use outcome::Outcome;
 pub use protocol::{parse_line, CheckResult, Done, Event};
-pub use qemu::{qemu_command, QEMU_BIOS};
+pub use qemu::{qemu_command, qemu_max_cpus, qemu_net_args, QEMU_BIOS};
 pub use scratch::ScratchImage;
 
 /// The workspace root (the directory holding `resources/` and `guest-tests/`).

@@ -34,6 +34,34 @@ pub fn qemu_command(image: &GuestImage, scenario: &str, cpus: u8, memory: &str) 
     cmd
 }
 
+/// The most vCPUs a QEMU guest can have on this host: 1 on PVM hosts, where the guest
+/// kernel patches its text with int3 as soon as a second CPU is online, PVM's
+/// instruction emulator refuses the int3 and QEMU (unlike ferrio, see
+/// `vmm/src/cpu/pvm.rs`) stops the VM with "emulation failure".
+pub fn qemu_max_cpus() -> u8 {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        1
+    } else {
+        u8::MAX
+    }
+}
+
+/// QEMU arguments for a virtio-net-pci NIC on the existing (multi-queue) TAP `tap`,
+/// with `queue_pairs` queue pairs and MSI-X vectors for all of them, the control
+/// queue and the config interrupt; vhost off, so QEMU's own device model moves the
+/// packets (as ferrio does). The QEMU process must run where the TAP is (see
+/// [`crate::NetNs::enter_on_exec`]).
+pub fn qemu_net_args(tap: &str, mac: &str, queue_pairs: u8) -> Vec<String> {
+    let pairs = queue_pairs.max(1);
+    let mut netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off");
+    let mut device = format!("virtio-net-pci,netdev=n0,mac={mac},disable-legacy=on,romfile=");
+    if pairs > 1 {
+        netdev.push_str(&format!(",queues={pairs}"));
+        device.push_str(&format!(",mq=on,vectors={}", 2 * u32::from(pairs) + 2));
+    }
+    vec!["-netdev".into(), netdev, "-device".into(), device]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +85,22 @@ mod tests {
         assert_eq!(after("-smp"), "2");
         assert_eq!(after("-m"), "512M");
         assert!(args.iter().any(|a| a == "-no-reboot"));
+    }
+
+    #[test]
+    fn qemu_net_args_describe_a_multi_queue_tap_nic() {
+        let args = qemu_net_args("ftap0", "52:54:00:12:34:56", 2);
+        assert_eq!(args[0], "-netdev");
+        assert_eq!(
+            args[1],
+            "tap,id=n0,ifname=ftap0,script=no,downscript=no,vhost=off,queues=2"
+        );
+        assert_eq!(args[2], "-device");
+        assert_eq!(
+            args[3],
+            "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,disable-legacy=on,romfile=,mq=on,vectors=6"
+        );
+        let single = qemu_net_args("t", "m", 1);
+        assert!(!single[1].contains("queues") && !single[3].contains("mq=on"));
     }
 }

@@ -18,6 +18,7 @@ mod pattern;
 mod report;
 mod scenarios;
 mod sys;
+mod vfio;
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};

@@ -109,7 +109,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Write the pattern over vda, fsync, drop caches, discard, read back and compare.
-fn vda_data(r: &mut Reporter, cpus: usize) {
+pub(crate) fn vda_data(r: &mut Reporter, cpus: usize) {
     let size = match sys::read_u64("/sys/block/vda/size") {
         Ok(sectors) => sectors * 512,
         Err(e) => return r.check("vda_write", false, e),

@@ -7,7 +7,10 @@ use crate::report::Reporter;
 pub mod blk;
 pub mod boot;
 pub mod fio;
+pub mod iommu;
+pub mod net;
 pub mod pci;
+pub mod vfio;
 
 /// A scenario entry point.
 pub type Scenario = fn(&mut Reporter);
@@ -19,6 +22,9 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("blk", blk::run),
     ("blk-durable", blk::run_durable),
     ("fio", fio::run),
+    ("net", net::run),
+    ("iommu", iommu::run),
+    ("vfio-in-guest", vfio::run),
     ("selftest-panic", selftest_panic),
 ];
 
