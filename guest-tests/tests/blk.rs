@@ -4,14 +4,16 @@
 //! O_DIRECT, discards 8 MiB of it and reads it back; the host then checks the image
 //! file (hash, and a hole where the guest discarded) and that vdb was not modified.
 
+mod common;
 #[path = "../agent/src/pattern.rs"]
 #[allow(dead_code)]
 mod pattern;
 
+use common::{expected_vda_fnv, file_fnv};
+
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 
 use ferrio_guest_tests::{run, Boot, ScratchImage};
 
@@ -20,31 +22,6 @@ const VDA_LEN: u64 = 256 * MIB;
 const VDB_LEN: u64 = 16 * MIB;
 /// Seed of what the host writes to vdb (the guest only hashes it).
 const VDB_SEED: u64 = 0xfe11_0000_0000_0b1d;
-
-/// FNV-1a of a whole file.
-fn file_fnv(path: &Path) -> String {
-    let mut file = File::open(path).unwrap();
-    let mut hash = pattern::Fnv1a::new();
-    let mut buf = vec![0u8; pattern::CHUNK];
-    loop {
-        let n = file.read(&mut buf).unwrap();
-        if n == 0 {
-            return hash.hex();
-        }
-        hash.update(&buf[..n]);
-    }
-}
-
-/// FNV-1a of what vda should hold after the scenario.
-fn expected_vda_fnv() -> String {
-    let mut hash = pattern::Fnv1a::new();
-    let mut chunk = vec![0u8; pattern::CHUNK];
-    for i in 0..VDA_LEN / MIB {
-        pattern::blk_expected_chunk(i, &mut chunk);
-        hash.update(&chunk);
-    }
-    hash.hex()
-}
 
 /// `lseek(fd, offset, whence)` on the image file.
 fn seek(file: &File, offset: u64, whence: i32) -> Result<u64, std::io::Error> {
@@ -96,7 +73,7 @@ fn blk_two_disks_pattern_discard_read_only_and_msix() {
 
     // Data: every chunk as expected in the guest, and the same bytes in the file.
     assert_eq!(outcome.value_u64("vda_mismatched_chunks"), Some(0));
-    let expected = expected_vda_fnv();
+    let expected = expected_vda_fnv(VDA_LEN);
     let guest_fnv = outcome.value_str("vda_fnv").expect("no vda_fnv");
     let host_fnv = file_fnv(vda.path());
     eprintln!("vda fnv: guest {guest_fnv}, image file {host_fnv}, expected {expected}");

@@ -11,13 +11,13 @@
 //! `FERRIO_IOMMU_TEST_VMM=qemu` boots the same machine under QEMU (q35,
 //! virtio-iommu-pci), to validate the test itself.
 
+mod common;
 #[path = "../agent/src/pattern.rs"]
 #[allow(dead_code)]
 mod pattern;
 
-use std::fs::File;
-use std::io::Read;
-use std::path::Path;
+use common::{expected_vda_fnv, file_fnv};
+
 use std::time::Duration;
 
 use ferrio_guest_tests::{
@@ -31,31 +31,6 @@ const VDA_LEN: u64 = 80 * MIB;
 const CONSOLE_PATTERN_LEN: usize = 8192;
 const PINGS: u64 = 5;
 const TIMEOUT: Duration = Duration::from_secs(900);
-
-/// FNV-1a of a whole file.
-fn file_fnv(path: &Path) -> String {
-    let mut file = File::open(path).unwrap();
-    let mut hash = pattern::Fnv1a::new();
-    let mut buf = vec![0u8; pattern::CHUNK];
-    loop {
-        let n = file.read(&mut buf).unwrap();
-        if n == 0 {
-            return hash.hex();
-        }
-        hash.update(&buf[..n]);
-    }
-}
-
-/// FNV-1a of what vda holds after the blk pattern (with its discarded range).
-fn expected_vda_fnv() -> String {
-    let mut hash = pattern::Fnv1a::new();
-    let mut chunk = vec![0u8; pattern::CHUNK];
-    for i in 0..VDA_LEN / MIB {
-        pattern::blk_expected_chunk(i, &mut chunk);
-        hash.update(&chunk);
-    }
-    hash.hex()
-}
 
 /// The console text the guest writes.
 fn console_text() -> String {
@@ -146,7 +121,7 @@ fn iommu_groups_dma_through_disk_console_and_nic_and_msix() {
 
     // DMA through the IOMMU: the disk's data in the guest and in the image file.
     assert_eq!(outcome.value_u64("vda_mismatched_chunks"), Some(0));
-    let expected = expected_vda_fnv();
+    let expected = expected_vda_fnv(VDA_LEN);
     assert_eq!(outcome.value_str("vda_fnv"), Some(expected.as_str()));
     assert_eq!(file_fnv(vda.path()), expected, "the image file");
     // The console's output reached the file unchanged.
