@@ -5,6 +5,7 @@
 //! The agent (`agent/`) prints `FERRIO-AGENT start`, one `FERRIO-RESULT {json}` per
 //! check and `FERRIO-DONE {json}` on the serial console, then powers the VM off.
 
+pub mod bench;
 mod boot;
 mod error;
 mod image;

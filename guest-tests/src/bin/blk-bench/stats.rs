@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use ferrio_guest_tests::Outcome;
 use serde_json::{json, Value};
 
+use ferrio_guest_tests::bench::median;
+
 use crate::jobs;
 
 /// The result names the guest reports: each job's value and its mean latency.
@@ -64,16 +66,6 @@ impl Series {
         m.insert("total_s".into(), json!(self.total));
         m.insert("failures".into(), json!(self.failures));
         Value::Object(m)
-    }
-}
-
-fn median(v: &[f64]) -> Option<f64> {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(s[n / 2]),
-        n => Some((s[n / 2 - 1] + s[n / 2]) / 2.0),
     }
 }
 

@@ -5,6 +5,8 @@ use ferrio_guest_tests::net_wire::Direction;
 use ferrio_guest_tests::{direction_mbps, FlowReport, Outcome};
 use serde_json::{json, Value};
 
+use ferrio_guest_tests::bench::median;
+
 /// One VMM's runs.
 #[derive(Default)]
 pub struct Series {
@@ -111,16 +113,6 @@ fn round1(v: f64) -> f64 {
 /// Three decimals: PVM hosts move well under 1 MB/s host to guest.
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
-}
-
-pub fn median(v: &[f64]) -> Option<f64> {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(s[n / 2]),
-        n => Some((s[n / 2 - 1] + s[n / 2]) / 2.0),
-    }
 }
 
 /// ferrio / QEMU per direction, 3 decimals.
