@@ -108,6 +108,16 @@ impl ConfigSpace {
         Ok(())
     }
 
+    /// Makes every BAR register read-only 0 (a Virtual Function's, PCIe 6.0 9.3.4.1.11:
+    /// the PF's VF BARs place it). The BARs stay declared, so capabilities can still
+    /// point into them, but they never decode through this config space.
+    pub fn hide_bar_registers(&mut self) {
+        for reg in 0..NUM_BARS {
+            self.set_u32(bar_reg(reg), 0);
+            self.set_write_mask(bar_reg(reg), &[0; 4]);
+        }
+    }
+
     /// The declared BARs, by index.
     pub fn bars(&self) -> Vec<BarInfo> {
         self.bars.bars.iter().flatten().map(|b| b.info).collect()

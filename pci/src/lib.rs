@@ -13,6 +13,7 @@ pub mod config;
 pub mod host_bridge;
 pub mod msix;
 pub mod root;
+pub mod sriov;
 pub mod virtio_pci;
 
 pub use bar::BarError;
@@ -20,7 +21,8 @@ pub use capability::{CapabilityError, PciePortType};
 pub use config::{ConfigSpace, PciIds};
 pub use host_bridge::HostBridge;
 pub use msix::{Msix, MsixConfig, MsixError, MsixTrigger};
-pub use root::{ConfigAddressPort, PciAddress, PciError, PciRoot, SharedPciDevice};
+pub use root::{ConfigAddressPort, ConfigChange, PciAddress, PciError, PciRoot, SharedPciDevice};
+pub use sriov::{SriovCap, SriovConfig, SriovError, SriovState, VfFactory};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -113,4 +115,17 @@ pub trait PciDevice: Send {
     fn ioevents(&self) -> Vec<IoEvent> {
         Vec::new()
     }
+    /// What the SR-IOV capability of a Physical Function says now (`None` for every
+    /// function that is not a PF). The root complex compares it around each config
+    /// write to add, remove and move the PF's VFs.
+    fn sriov(&self) -> Option<SriovState> {
+        None
+    }
+    /// Firmware-style placement of a PF's VF BAR `index` (VF 0's address; VF `i`
+    /// follows at `addr + i * size`). Ignored by functions that are not PFs.
+    fn set_vf_bar_address(&mut self, _index: u8, _addr: u64) {}
+    /// Stops all device activity before the function goes away (a VF whose PF cleared
+    /// VF Enable): workers stopped and joined, in-flight requests completed. Accesses
+    /// after this are ignored.
+    fn quiesce(&mut self) {}
 }

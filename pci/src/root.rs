@@ -8,15 +8,29 @@
 //!
 //! Accesses are validated here (width 1, 2 or 4, naturally aligned, inside 4 KiB)
 //! before they reach a [`PciDevice`]: an invalid read returns all-ones, an invalid
-//! write is ignored, and an absent function reads all-ones. Config writes return the
-//! BAR decoding changes as `(function, BarMapping)` for the VMM to apply.
+//! write is ignored, and an absent function reads all-ones. Config writes return what
+//! the VMM must apply, in order, as [`ConfigChange`]s: BAR decoding changes, and the
+//! Virtual Functions an SR-IOV PF's write created or removed.
+//!
+//! ## Virtual Functions
+//!
+//! A PF is added with [`PciRoot::add_sriov_pf`] together with a [`VfFactory`]; the
+//! devfns of all its possible VFs are reserved at once, so no other function can take
+//! them. When a guest write to the PF sets VF Enable, the root builds NumVFs functions
+//! through the factory and reports each as [`ConfigChange::VfAdded`] followed by its
+//! BAR mappings (VF MSE and the VF BARs decide where they decode). When VF Enable is
+//! cleared it reports, per VF (last first), the BAR unmaps and then
+//! [`ConfigChange::VfRemoved`] with the function, which is already off the bus: the
+//! caller unmaps, calls [`PciDevice::quiesce`] and drops what it holds for it, in that
+//! order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::host_bridge::HostBridge;
+use crate::sriov::{SriovState, VfFactory};
 use crate::{BarMapping, PciDevice};
 
 /// A PCI function shared between the root complex and the VMM.
@@ -54,6 +68,48 @@ pub enum PciError {
     /// Every slot of bus 0 is taken.
     #[error("no free PCI slot")]
     NoFreeSlot,
+    /// The function added as an SR-IOV PF has no SR-IOV capability.
+    #[error("the function has no SR-IOV capability")]
+    NotSriov,
+    /// The PF's VFs do not fit on the bus from this slot.
+    #[error(
+        "{total} VFs of a PF in slot {slot} do not fit before devfn 0xff (at most {max} there)"
+    )]
+    TooManyVfs { slot: u8, total: u16, max: u16 },
+    /// No slot has room for the PF and all its VFs.
+    #[error("no free PCI slot has room for a PF and its {0} VFs")]
+    NoRoomForVfs(u16),
+}
+
+/// What a config write changed, for the VMM to apply in order.
+pub enum ConfigChange {
+    /// A BAR of the function at this address started, stopped or moved decoding.
+    Bar(PciAddress, BarMapping),
+    /// A VF appeared (its PF set VF Enable); its BAR mappings follow as `Bar`.
+    VfAdded(PciAddress, SharedPciDevice),
+    /// A VF went away (its PF cleared VF Enable) and is off the bus; its BAR unmaps
+    /// came before. Call [`PciDevice::quiesce`] on it, then drop it.
+    VfRemoved(PciAddress, SharedPciDevice),
+}
+
+impl ConfigChange {
+    /// The BAR change, if this is one.
+    pub fn as_bar(&self) -> Option<(PciAddress, BarMapping)> {
+        match self {
+            ConfigChange::Bar(a, m) => Some((*a, *m)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for ConfigChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigChange::Bar(a, m) => write!(f, "Bar({a}, {m:?})"),
+            ConfigChange::VfAdded(a, _) => write!(f, "VfAdded({a})"),
+            ConfigChange::VfRemoved(a, _) => write!(f, "VfRemoved({a})"),
+        }
+    }
 }
 
 /// A function's address: segment (PCI domain), bus, device, function.
@@ -165,6 +221,10 @@ pub struct PciRoot {
     segment: u16,
     functions: BTreeMap<u8, SharedPciDevice>,
     config_address: ConfigAddressPort,
+    /// The VF factory of each SR-IOV PF, by the PF's devfn.
+    vf_factories: BTreeMap<u8, Box<dyn VfFactory>>,
+    /// Devfns kept for VFs (present or not).
+    vf_devfns: BTreeSet<u8>,
 }
 
 impl fmt::Debug for PciRoot {
@@ -198,6 +258,8 @@ impl PciRoot {
             segment,
             functions,
             config_address: ConfigAddressPort::default(),
+            vf_factories: BTreeMap::new(),
+            vf_devfns: BTreeSet::new(),
         }
     }
 
@@ -256,7 +318,7 @@ impl PciRoot {
         dev: SharedPciDevice,
     ) -> Result<(), PciError> {
         self.validate(address)?;
-        if self.functions.contains_key(&address.devfn()) {
+        if !self.devfn_free(address.devfn()) {
             return Err(PciError::Occupied(address));
         }
         self.functions.insert(address.devfn(), dev);
@@ -267,6 +329,69 @@ impl PciRoot {
     fn slot_used(&self, device: u8) -> bool {
         let first = (device & 0x1f) << 3;
         self.functions.range(first..=first | 7).next().is_some()
+            || self.vf_devfns.range(first..=first | 7).next().is_some()
+    }
+
+    fn devfn_free(&self, devfn: u8) -> bool {
+        !self.functions.contains_key(&devfn) && !self.vf_devfns.contains(&devfn)
+    }
+
+    /// The address [`Self::add_sriov_pf`] would give a PF with `total_vfs` VFs for
+    /// `slot` now: function 0 of `slot` (or of the first slot from 1 where the PF and
+    /// all its VFs find free devfns).
+    pub fn next_pf_address(
+        &self,
+        slot: Option<u8>,
+        total_vfs: u16,
+    ) -> Result<PciAddress, PciError> {
+        let fits = |device: u8| -> Result<PciAddress, PciError> {
+            let address = PciAddress::in_segment(self.segment, device, 0);
+            address.validate()?;
+            let devfn = address.devfn();
+            let last = total_vfs
+                .checked_sub(1)
+                .and_then(|i| SriovState::vf_devfn(devfn, i))
+                .ok_or(PciError::TooManyVfs {
+                    slot: device,
+                    total: total_vfs,
+                    max: 0xff - u16::from(devfn),
+                })?;
+            match (devfn..=last).find(|&d| !self.devfn_free(d)) {
+                None => Ok(address),
+                Some(d) => Err(PciError::Occupied(self.address(d))),
+            }
+        };
+        match slot {
+            Some(s) => fits(s),
+            None => (1..DEVICES_PER_BUS)
+                .find_map(|d| fits(d).ok())
+                .ok_or(PciError::NoRoomForVfs(total_vfs)),
+        }
+    }
+
+    /// Adds an SR-IOV PF (`dev.sriov()` must say what it offers) as function 0 of
+    /// `slot` or of the first slot with room for it and all its VFs, and keeps the VFs'
+    /// devfns for them; `vfs` builds each VF when the guest enables them.
+    pub fn add_sriov_pf(
+        &mut self,
+        slot: Option<u8>,
+        dev: SharedPciDevice,
+        vfs: Box<dyn VfFactory>,
+    ) -> Result<PciAddress, PciError> {
+        let total = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sriov()
+            .ok_or(PciError::NotSriov)?
+            .total_vfs;
+        let address = self.next_pf_address(slot, total)?;
+        let devfn = address.devfn();
+        self.functions.insert(devfn, dev);
+        self.vf_devfns
+            .extend((0..total).filter_map(|i| SriovState::vf_devfn(devfn, i)));
+        self.vf_factories.insert(devfn, vfs);
+        tracing::debug!(%address, total_vfs = total, "SR-IOV PF added");
+        Ok(address)
     }
 
     /// The function at `address`, if present (on this root's segment).
@@ -306,14 +431,14 @@ impl PciRoot {
         }
     }
 
-    /// Writes register `reg` of `address` (ignored if absent or invalid); returns the
-    /// BAR decoding changes.
+    /// Writes register `reg` of `address` (ignored if absent or invalid); returns what
+    /// changed (see [`ConfigChange`]).
     pub fn config_write(
-        &self,
+        &mut self,
         address: PciAddress,
         reg: u16,
         data: &[u8],
-    ) -> Vec<(PciAddress, BarMapping)> {
+    ) -> Vec<ConfigChange> {
         if !valid_access(reg, data.len()) {
             tracing::debug!(%address, reg, len = data.len(), "invalid config write");
             return Vec::new();
@@ -321,11 +446,101 @@ impl PciRoot {
         let Some(dev) = self.device(address) else {
             return Vec::new();
         };
-        let changes = dev
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write_config(reg, data);
-        changes.into_iter().map(|m| (address, m)).collect()
+        let (before, mappings, after) = {
+            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            let before = d.sriov();
+            let mappings = d.write_config(reg, data);
+            (before, mappings, d.sriov())
+        };
+        let mut changes: Vec<ConfigChange> = mappings
+            .into_iter()
+            .map(|m| ConfigChange::Bar(address, m))
+            .collect();
+        if let (Some(before), Some(after)) = (before, after) {
+            if before != after {
+                self.update_vfs(address, &before, &after, &mut changes);
+            }
+        }
+        changes
+    }
+
+    /// Brings the VFs of the PF at `pf` from what `before` said to what `after` says.
+    fn update_vfs(
+        &mut self,
+        pf: PciAddress,
+        before: &SriovState,
+        after: &SriovState,
+        out: &mut Vec<ConfigChange>,
+    ) {
+        let vf_bar_change = |index: u16, bar: u8, present_before: bool| {
+            let (info, _) = after.bars.get(usize::from(bar)).copied().flatten()?;
+            let old = present_before.then(|| before.vf_bar(index, bar)).flatten();
+            let new = after.vf_bar(index, bar);
+            (old != new).then_some(BarMapping {
+                index: bar,
+                old,
+                new,
+                size: info.size,
+            })
+        };
+        for index in (after.enabled_vfs..before.enabled_vfs).rev() {
+            let Some(vf) = SriovState::vf_address(pf, index) else {
+                continue;
+            };
+            let Some(dev) = self.functions.remove(&vf.devfn()) else {
+                continue;
+            };
+            for bar in 0..crate::bar::NUM_BARS {
+                if let Some((info, _)) = before.bars[usize::from(bar)] {
+                    if let Some(old) = before.vf_bar(index, bar) {
+                        out.push(ConfigChange::Bar(
+                            vf,
+                            BarMapping {
+                                index: bar,
+                                old: Some(old),
+                                new: None,
+                                size: info.size,
+                            },
+                        ));
+                    }
+                }
+            }
+            tracing::info!(%pf, %vf, index, "VF removed");
+            out.push(ConfigChange::VfRemoved(vf, dev));
+        }
+        for index in before.enabled_vfs..after.enabled_vfs {
+            let (Some(vf), Some(factory)) = (
+                SriovState::vf_address(pf, index),
+                self.vf_factories.get_mut(&pf.devfn()),
+            ) else {
+                continue;
+            };
+            if !self.vf_devfns.contains(&vf.devfn()) || self.functions.contains_key(&vf.devfn()) {
+                tracing::warn!(%pf, %vf, "VF devfn not reserved or taken: VF left out");
+                continue;
+            }
+            match factory.create(index, vf) {
+                Ok(dev) => {
+                    self.functions.insert(vf.devfn(), dev.clone());
+                    tracing::info!(%pf, %vf, index, "VF added");
+                    out.push(ConfigChange::VfAdded(vf, dev));
+                }
+                Err(e) => tracing::warn!(%pf, %vf, index, "VF could not be built, left out: {e}"),
+            }
+        }
+        for index in 0..after.enabled_vfs {
+            let Some(vf) = SriovState::vf_address(pf, index) else {
+                continue;
+            };
+            if !self.functions.contains_key(&vf.devfn()) {
+                continue;
+            }
+            for bar in 0..crate::bar::NUM_BARS {
+                if let Some(m) = vf_bar_change(index, bar, index < before.enabled_vfs) {
+                    out.push(ConfigChange::Bar(vf, m));
+                }
+            }
+        }
     }
 
     fn ecam_decode(&self, offset: u64) -> Option<(PciAddress, u16)> {
@@ -350,9 +565,8 @@ impl PciRoot {
         }
     }
 
-    /// ECAM write at `offset` from this segment's ECAM base; returns the BAR decoding
-    /// changes.
-    pub fn ecam_write(&self, offset: u64, data: &[u8]) -> Vec<(PciAddress, BarMapping)> {
+    /// ECAM write at `offset` from this segment's ECAM base; returns what changed.
+    pub fn ecam_write(&mut self, offset: u64, data: &[u8]) -> Vec<ConfigChange> {
         match self.ecam_decode(offset) {
             Some((address, reg)) => self.config_write(address, reg, data),
             None => Vec::new(),
@@ -387,7 +601,7 @@ impl PciRoot {
     /// Port write at `offset` from 0xCF8 (dword writes of the address register, any
     /// naturally aligned data access); returns the BAR decoding changes. Data writes
     /// reach segment 0 only (ignored on a root of another segment).
-    pub fn pio_write(&self, offset: u64, data: &[u8]) -> Vec<(PciAddress, BarMapping)> {
+    pub fn pio_write(&mut self, offset: u64, data: &[u8]) -> Vec<ConfigChange> {
         match offset {
             0 if data.len() == 4 => {
                 let mut b = [0u8; 4];

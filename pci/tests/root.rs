@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::{RecordingVectors, TestDevice, BAR0_SIZE, BAR2_SIZE, DEVICE, VENDOR};
-use ferrio_pci::{BarMapping, PciAddress, PciRoot, SharedPciDevice};
+use ferrio_pci::{BarMapping, ConfigChange, PciAddress, PciRoot, SharedPciDevice};
 
 fn root() -> (PciRoot, Arc<Mutex<TestDevice>>) {
     let mut root = PciRoot::new();
@@ -26,13 +26,17 @@ fn er(root: &PciRoot, offset: u64, len: usize) -> u64 {
     b.iter().rev().fold(0, |acc, &x| acc << 8 | u64::from(x))
 }
 
-fn ew32(root: &PciRoot, offset: u64, v: u32) -> Vec<(PciAddress, BarMapping)> {
-    root.ecam_write(offset, &v.to_le_bytes())
+fn ew32(root: &mut PciRoot, offset: u64, v: u32) -> Vec<(PciAddress, BarMapping)> {
+    bars(root.ecam_write(offset, &v.to_le_bytes()))
+}
+
+fn bars(changes: Vec<ConfigChange>) -> Vec<(PciAddress, BarMapping)> {
+    changes.iter().filter_map(ConfigChange::as_bar).collect()
 }
 
 #[test]
 fn ecam_routing_and_absent_functions() {
-    let (root, _) = root();
+    let (mut root, _) = root();
     assert_eq!(er(&root, 0, 4), 0x0008_1b36);
     assert_eq!(er(&root, ecam(0, 0, 0x0a), 2), 0x0600);
     assert_eq!(
@@ -47,13 +51,13 @@ fn ecam_routing_and_absent_functions() {
     assert_eq!(er(&root, 1 << 20, 4), 0xffff_ffff);
     assert_eq!(er(&root, 256 << 20, 4), 0xffff_ffff);
     assert_eq!(er(&root, u64::MAX, 1), 0xff);
-    assert!(ew32(&root, ecam(2, 0, 4), 0xffff).is_empty());
-    assert!(ew32(&root, u64::MAX - 1, 0xffff).is_empty());
+    assert!(ew32(&mut root, ecam(2, 0, 4), 0xffff).is_empty());
+    assert!(ew32(&mut root, u64::MAX - 1, 0xffff).is_empty());
 }
 
 #[test]
 fn ecam_odd_widths_are_all_ones_and_ignored() {
-    let (root, dev) = root();
+    let (mut root, dev) = root();
     for (reg, len) in [
         (0u64, 3usize),
         (0, 8),
@@ -75,7 +79,7 @@ fn ecam_odd_widths_are_all_ones_and_ignored() {
 
 #[test]
 fn bar_sizing_and_moves_through_ecam() {
-    let (root, _) = root();
+    let (mut root, _) = root();
     let addr = PciAddress::new(1, 0);
     // Linux: decoding off, write all-ones, read back, restore.
     for (reg, expect) in [
@@ -85,13 +89,13 @@ fn bar_sizing_and_moves_through_ecam() {
         (0x14, 0),
         (0x20, 0),
     ] {
-        assert!(ew32(&root, ecam(1, 0, reg), 0xffff_ffff).is_empty());
+        assert!(ew32(&mut root, ecam(1, 0, reg), 0xffff_ffff).is_empty());
         assert_eq!(er(&root, ecam(1, 0, reg), 4), u64::from(expect), "{reg:#x}");
     }
-    assert!(ew32(&root, ecam(1, 0, 0x10), 0xc000_0000).is_empty());
-    assert!(ew32(&root, ecam(1, 0, 0x18), 0x0010_0000).is_empty());
-    assert!(ew32(&root, ecam(1, 0, 0x1c), 0x1).is_empty());
-    let m = root.ecam_write(ecam(1, 0, 4), &0x0006u16.to_le_bytes());
+    assert!(ew32(&mut root, ecam(1, 0, 0x10), 0xc000_0000).is_empty());
+    assert!(ew32(&mut root, ecam(1, 0, 0x18), 0x0010_0000).is_empty());
+    assert!(ew32(&mut root, ecam(1, 0, 0x1c), 0x1).is_empty());
+    let m = bars(root.ecam_write(ecam(1, 0, 4), &0x0006u16.to_le_bytes()));
     assert_eq!(
         m,
         vec![
@@ -116,12 +120,12 @@ fn bar_sizing_and_moves_through_ecam() {
         ]
     );
     // Moving the 64-bit BAR with decoding on: two halves, two reports.
-    let m = ew32(&root, ecam(1, 0, 0x18), 0x0020_0000);
+    let m = ew32(&mut root, ecam(1, 0, 0x18), 0x0020_0000);
     assert_eq!(
         (m[0].1.old, m[0].1.new),
         (Some(0x1_0010_0000), Some(0x1_0020_0000))
     );
-    let m = ew32(&root, ecam(1, 0, 0x1c), 0x2);
+    let m = ew32(&mut root, ecam(1, 0, 0x1c), 0x2);
     assert_eq!(
         (m[0].1.old, m[0].1.new),
         (Some(0x1_0020_0000), Some(0x2_0020_0000))
@@ -129,7 +133,7 @@ fn bar_sizing_and_moves_through_ecam() {
     let dev = root.device(addr).unwrap();
     assert_eq!(dev.lock().unwrap().bar_mapping(2), Some(0x2_0020_0000));
     // Disabling memory via a byte write unmaps both.
-    let m = root.ecam_write(ecam(1, 0, 4), &[0x04]);
+    let m = bars(root.ecam_write(ecam(1, 0, 4), &[0x04]));
     assert_eq!(m.len(), 2);
     assert!(m.iter().all(|(_, b)| b.new.is_none()));
 }
@@ -167,9 +171,9 @@ fn capability_walk_like_linux() {
 
 #[test]
 fn port_io_mechanism_one() {
-    let (root, dev) = root();
+    let (mut root, dev) = root();
     let cfg_addr = |d: u32, reg: u32| 0x8000_0000u32 | d << 11 | reg;
-    let pr = |off: u64, len: usize| {
+    let pr = |root: &PciRoot, off: u64, len: usize| {
         let mut b = vec![0u8; len];
         root.pio_read(off, &mut b);
         b.iter().rev().fold(0u64, |acc, &x| acc << 8 | u64::from(x))
@@ -177,19 +181,19 @@ fn port_io_mechanism_one() {
     // Linux's pci_check_type1 probe.
     root.pio_write(3, &[0x01]);
     root.pio_write(0, &0x8000_0000u32.to_le_bytes());
-    assert_eq!(pr(0, 4), 0x8000_0000);
-    assert_eq!(pr(4, 4), 0x0008_1b36);
+    assert_eq!(pr(&root, 0, 4), 0x8000_0000);
+    assert_eq!(pr(&root, 4, 4), 0x0008_1b36);
     root.pio_write(0, &cfg_addr(1, 0).to_le_bytes());
-    assert_eq!(pr(4, 4), u64::from(DEVICE) << 16 | u64::from(VENDOR));
-    assert_eq!(pr(6, 2), u64::from(DEVICE));
-    assert_eq!(pr(5, 1), u64::from(VENDOR >> 8));
-    assert_eq!(pr(7, 1), u64::from(DEVICE >> 8));
+    assert_eq!(pr(&root, 4, 4), u64::from(DEVICE) << 16 | u64::from(VENDOR));
+    assert_eq!(pr(&root, 6, 2), u64::from(DEVICE));
+    assert_eq!(pr(&root, 5, 1), u64::from(VENDOR >> 8));
+    assert_eq!(pr(&root, 7, 1), u64::from(DEVICE >> 8));
     // Misaligned / oversized data accesses, non-dword address accesses.
-    assert_eq!(pr(5, 2), 0xffff);
-    assert_eq!(pr(6, 4), 0xffff_ffff);
-    assert_eq!(pr(4, 3), 0xff_ffff);
-    assert_eq!(pr(0, 2), 0xffff);
-    assert_eq!(pr(8, 4), 0xffff_ffff);
+    assert_eq!(pr(&root, 5, 2), 0xffff);
+    assert_eq!(pr(&root, 6, 4), 0xffff_ffff);
+    assert_eq!(pr(&root, 4, 3), 0xff_ffff);
+    assert_eq!(pr(&root, 0, 2), 0xffff);
+    assert_eq!(pr(&root, 8, 4), 0xffff_ffff);
     root.pio_write(0, &[0, 0]);
     assert_eq!(root.config_address().value(), cfg_addr(1, 0));
     root.pio_write(0, &cfg_addr(1, 0x10).to_le_bytes());
@@ -197,11 +201,11 @@ fn port_io_mechanism_one() {
     // Register bits 1:0 of the address are ignored; the byte offset comes from the
     // data port. BAR 2 is unassigned (0), so only BAR 0 gets decoded.
     root.pio_write(0, &(cfg_addr(1, 0x04) | 3).to_le_bytes());
-    let m = root.pio_write(4, &[0x06]);
+    let m = bars(root.pio_write(4, &[0x06]));
     assert_eq!(m.len(), 1);
     assert_eq!((m[0].1.index, m[0].1.new), (0, Some(0xd000_0000)));
     root.pio_write(0, &cfg_addr(1, 0x10).to_le_bytes());
-    let m = root.pio_write(6, &0xd100u16.to_le_bytes());
+    let m = bars(root.pio_write(6, &0xd100u16.to_le_bytes()));
     assert_eq!(
         (m[0].1.old, m[0].1.new),
         (Some(0xd000_0000), Some(0xd100_0000))
@@ -210,17 +214,17 @@ fn port_io_mechanism_one() {
     assert_eq!(dev.lock().unwrap().cfg.bar_address(0), Some(0xd000_0000));
     // Disabled address register: all-ones, writes ignored.
     root.pio_write(0, &(cfg_addr(1, 0x10) & 0x7fff_ffff).to_le_bytes());
-    assert_eq!(pr(4, 4), 0xffff_ffff);
+    assert_eq!(pr(&root, 4, 4), 0xffff_ffff);
     root.pio_write(4, &0u32.to_le_bytes());
     assert_eq!(dev.lock().unwrap().cfg.bar_address(0), Some(0xd000_0000));
     // Absent device and other bus.
     root.pio_write(0, &cfg_addr(9, 0).to_le_bytes());
-    assert_eq!(pr(4, 4), 0xffff_ffff);
+    assert_eq!(pr(&root, 4, 4), 0xffff_ffff);
     root.pio_write(0, &(0x8001_0000u32).to_le_bytes());
-    assert_eq!(pr(4, 4), 0xffff_ffff);
+    assert_eq!(pr(&root, 4, 4), 0xffff_ffff);
     // AMD extended register bits reach the extended space.
     root.pio_write(0, &(cfg_addr(1, 0) | 1 << 24).to_le_bytes());
-    assert_eq!(pr(4, 2), 0x000b);
+    assert_eq!(pr(&root, 4, 2), 0x000b);
 }
 
 #[test]
@@ -261,8 +265,8 @@ fn non_zero_segment() {
     );
     assert_eq!(er(&root, ecam(2, 0, 0), 4), 0xffff_ffff);
     assert_eq!(er(&root, 1 << 20, 4), 0xffff_ffff);
-    assert!(ew32(&root, ecam(1, 0, 0x10), 0xc000_0000).is_empty());
-    let m = root.ecam_write(ecam(1, 0, 4), &0x0002u16.to_le_bytes());
+    assert!(ew32(&mut root, ecam(1, 0, 0x10), 0xc000_0000).is_empty());
+    let m = bars(root.ecam_write(ecam(1, 0, 4), &0x0002u16.to_le_bytes()));
     assert_eq!(m.len(), 1);
     assert_eq!((m[0].0, m[0].1.new), (addr, Some(0xc000_0000)));
 

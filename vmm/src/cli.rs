@@ -69,11 +69,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "BACKEND[,slot=N]")]
     pub console: Option<String>,
     /// A virtio-blk disk over a raw image (repeatable; guest order = this order):
-    /// path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N]
+    /// path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N][,io_engine=sync|uring][,iommu=on][,id=NAME][,vf_of=NAME].
+    /// id=NAME names the disk; vf_of=NAME makes it an SR-IOV VF of the disk with that id
+    /// (no slot of its own; the guest creates the VFs through the PF's sriov_numvfs)
     #[arg(long, value_name = "path=FILE[,...]")]
     pub disk: Vec<String>,
     /// A virtio-net NIC over a TAP (repeatable): tap=NAME (an existing TAP interface) or
-    /// fd=N (an inherited TAP fd), [,mac=MAC][,num_queue_pairs=N][,queue_size=N][,slot=N]
+    /// fd=N (an inherited TAP fd), [,mac=MAC][,num_queue_pairs=N][,queue_size=N][,slot=N][,iommu=on][,id=NAME][,vf_of=NAME].
+    /// id=NAME names the NIC; vf_of=NAME makes it an SR-IOV VF of the NIC with that id,
+    /// as for --disk
     #[arg(long, value_name = "tap=NAME|fd=N[,...]")]
     pub net: Vec<String>,
     /// Add a virtio-iommu; devices given `iommu=on` are placed behind it (their DMA is

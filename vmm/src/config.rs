@@ -48,9 +48,11 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// A virtio-console PCI device, if any.
     pub console: Option<ConsoleConfig>,
-    /// virtio-blk devices, in guest order.
+    /// virtio-blk devices, in guest order: every declared disk, SR-IOV VFs included
+    /// (the VMM builds a VF through its PF: [`VmConfig::disk_vfs`]).
     pub disks: Vec<DiskConfig>,
-    /// virtio-net devices, in guest order.
+    /// virtio-net devices, in guest order: every declared NIC, SR-IOV VFs included
+    /// (the VMM builds a VF through its PF: [`VmConfig::net_vfs`]).
     pub nets: Vec<NetConfig>,
     /// A virtio-iommu translating the DMA of the devices with `iommu=on`.
     pub iommu: bool,
@@ -466,6 +468,12 @@ impl ConfigBuilder {
                 reason: "the same TAP fd is given to two NICs".into(),
             });
         }
+        sriov::check(
+            l.disk.as_deref().unwrap_or_default(),
+            &disks,
+            l.net.as_deref().unwrap_or_default(),
+            &nets,
+        )?;
         let iommu = l.iommu.unwrap_or(false);
         let behind_iommu = console
             .iter()
@@ -554,9 +562,11 @@ fn check_kernel(path: &Path) -> Result<(), String> {
 mod console;
 mod disk;
 mod net;
+mod sriov;
 #[cfg(test)]
 mod tests;
 
 pub use console::{parse_console, ConsoleBackend, ConsoleConfig, MAX_PCI_SLOT};
 pub use disk::{check_disk_file, parse_disk, DiskConfig};
 pub use net::{parse_net, MacAddr, NetBackendConfig, NetConfig};
+pub use sriov::{MAX_ID_LEN, MAX_VFS_PER_PF};

@@ -30,6 +30,8 @@ pub struct GsiRouting {
 
 struct RoutingState {
     next_gsi: u32,
+    /// Released GSI ranges (a VF's vectors after VF Disable), reused first.
+    free: Vec<std::ops::Range<u32>>,
     msi: BTreeMap<u32, MsiMessage>,
 }
 
@@ -89,6 +91,7 @@ impl GsiRouting {
             vm,
             state: Mutex::new(RoutingState {
                 next_gsi: FIRST_MSI_GSI,
+                free: Vec::new(),
                 msi: BTreeMap::new(),
             }),
         });
@@ -98,6 +101,14 @@ impl GsiRouting {
 
     fn allocate(&self, n: u32) -> std::io::Result<std::ops::Range<u32>> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = s.free.iter().position(|r| r.len() >= n as usize) {
+            let r = s.free.swap_remove(i);
+            let (taken, rest) = (r.start..r.start + n, r.start + n..r.end);
+            if !rest.is_empty() {
+                s.free.push(rest);
+            }
+            return Ok(taken);
+        }
         let start = s.next_gsi;
         let end = start
             .checked_add(n)
@@ -117,6 +128,16 @@ impl GsiRouting {
             .insert(gsi, msg);
     }
 
+    /// Gives `gsis` back: their MSI routes go at the next [`Self::apply`], the numbers
+    /// are reused by later allocations.
+    fn release(&self, gsis: std::ops::Range<u32>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for gsi in gsis.clone() {
+            s.msi.remove(&gsi);
+        }
+        s.free.push(gsis);
+    }
+
     /// Writes the whole table to KVM.
     pub fn apply(&self) -> std::io::Result<()> {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -133,29 +154,44 @@ impl GsiRouting {
 /// One PCI function's MSI-X vectors: a GSI and an irqfd each.
 pub struct KvmMsiVectors {
     routing: Arc<GsiRouting>,
-    first_gsi: u32,
+    gsis: std::ops::Range<u32>,
     irqfds: Vec<EventFd>,
 }
 
 impl KvmMsiVectors {
-    /// Allocates `count` GSIs and registers an irqfd on each.
+    /// Allocates `count` GSIs and registers an irqfd on each. On failure, what was
+    /// set up is undone (by `Drop`).
     pub fn new(routing: Arc<GsiRouting>, count: u16) -> std::io::Result<Self> {
         let gsis = routing.allocate(u32::from(count))?;
-        let first_gsi = gsis.start;
-        let mut irqfds = Vec::with_capacity(usize::from(count));
+        let mut v = Self {
+            routing,
+            gsis: gsis.clone(),
+            irqfds: Vec::with_capacity(usize::from(count)),
+        };
         for gsi in gsis {
             let fd = EventFd::new(EFD_NONBLOCK)?;
-            routing
+            v.routing
                 .vm
                 .register_irqfd(&fd, gsi)
                 .map_err(std::io::Error::from)?;
-            irqfds.push(fd);
+            v.irqfds.push(fd);
         }
-        Ok(Self {
-            routing,
-            first_gsi,
-            irqfds,
-        })
+        Ok(v)
+    }
+}
+
+impl Drop for KvmMsiVectors {
+    /// Detaches the irqfds, then frees the GSIs and their routes (a VF going away).
+    fn drop(&mut self) {
+        for (gsi, fd) in self.gsis.clone().zip(&self.irqfds) {
+            if let Err(e) = self.routing.vm.unregister_irqfd(fd, gsi) {
+                tracing::warn!(gsi, "KVM_IRQFD deassign: {e}");
+            }
+        }
+        self.routing.release(self.gsis.clone());
+        if let Err(e) = self.routing.apply() {
+            tracing::warn!("GSI routing update after releasing vectors: {e}");
+        }
     }
 }
 
@@ -170,7 +206,7 @@ impl MsiVectors for KvmMsiVectors {
                 "MSI-X vector {vector} out of range"
             )));
         }
-        self.routing.set(self.first_gsi + u32::from(vector), msg);
+        self.routing.set(self.gsis.start + u32::from(vector), msg);
         Ok(())
     }
 

@@ -328,7 +328,9 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, Error> {
 }
 
 /// Builds the configured virtio devices onto segment 0 (the virtio-iommu last, after
-/// its endpoints); returns what the VIOT must describe, if there is an IOMMU.
+/// its endpoints); returns what the VIOT must describe, if there is an IOMMU. A
+/// device with VFs becomes an SR-IOV PF; the VFs are built through it, when the guest
+/// enables them.
 fn add_pci_devices(
     config: &VmConfig,
     pci: &mut PciBuilder,
@@ -339,13 +341,41 @@ fn add_pci_devices(
         let address = place.add(pci::console::create(&c.backend)?, c.slot, c.iommu)?;
         tracing::info!(%address, iommu = c.iommu, "virtio-console");
     }
-    for d in &config.disks {
-        let address = place.add(pci::disk::create(d)?, d.slot, d.iommu)?;
-        tracing::info!(%address, path = %d.path.display(), iommu = d.iommu, "virtio-blk");
+    for d in config.disks.iter().filter(|d| !d.is_vf()) {
+        let vfs = config.disk_vfs(d);
+        if vfs.is_empty() {
+            let address = place.add(pci::disk::create(d)?, d.slot, d.iommu)?;
+            tracing::info!(%address, path = %d.path.display(), iommu = d.iommu, "virtio-blk");
+            continue;
+        }
+        let vf_devices = vfs
+            .iter()
+            .map(|v| Ok((pci::disk::create(v)?, v.iommu)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let pf = (pci::disk::create(d)?, d.iommu);
+        let (address, vf_addresses) = place.add_pf(pf, vf_devices, d.slot)?;
+        tracing::info!(%address, path = %d.path.display(), iommu = d.iommu, vfs = vfs.len(), "virtio-blk SR-IOV PF");
+        for (v, at) in vfs.iter().zip(vf_addresses) {
+            tracing::info!(vf = %at, path = %v.path.display(), iommu = v.iommu, "virtio-blk VF");
+        }
     }
-    for n in &config.nets {
-        let address = place.add(pci::net::create(n)?, n.slot, n.iommu)?;
-        tracing::info!(%address, mac = %n.mac, iommu = n.iommu, "virtio-net");
+    for n in config.nets.iter().filter(|n| !n.is_vf()) {
+        let vfs = config.net_vfs(n);
+        if vfs.is_empty() {
+            let address = place.add(pci::net::create(n)?, n.slot, n.iommu)?;
+            tracing::info!(%address, mac = %n.mac, iommu = n.iommu, "virtio-net");
+            continue;
+        }
+        let vf_devices = vfs
+            .iter()
+            .map(|v| Ok((pci::net::create(v)?, v.iommu)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let pf = (pci::net::create(n)?, n.iommu);
+        let (address, vf_addresses) = place.add_pf(pf, vf_devices, n.slot)?;
+        tracing::info!(%address, mac = %n.mac, iommu = n.iommu, vfs = vfs.len(), "virtio-net SR-IOV PF");
+        for (v, at) in vfs.iter().zip(vf_addresses) {
+            tracing::info!(vf = %at, mac = %v.mac, iommu = v.iommu, "virtio-net VF");
+        }
     }
     place.finish()
 }

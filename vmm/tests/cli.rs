@@ -358,3 +358,207 @@ fn bad_nets() {
     let line = run("tap=a,num_queue_pairs=2,fd=4");
     assert!(line.contains("exactly one"), "{line}");
 }
+
+/// Runs `ferrio run --kernel K ARGS` (`--iommu` included, so `iommu=on` alone never
+/// fails) and returns the error line. Disk paths need not exist: the SR-IOV checks
+/// come before any image is opened.
+fn sriov_error(args: &[&str]) -> String {
+    let (_dir, kernel) = workdir();
+    let argv = [&["run", "--kernel", &kernel, "--iommu"], args].concat();
+    expect_error(&argv)
+}
+
+#[test]
+fn sriov_bad_ids() {
+    let why = "must be 1..=32 characters of A-Z, a-z, 0-9, _ and -";
+    let line = sriov_error(&["--net", "tap=a,id=pf.0"]);
+    assert_eq!(
+        line,
+        format!("ferrio: invalid device spec 'tap=a,id=pf.0': id {why}")
+    );
+    let long = format!("path=/nonexistent/a.img,id={}", "x".repeat(33));
+    let line = sriov_error(&["--disk", &long]);
+    assert_eq!(
+        line,
+        format!("ferrio: invalid device spec '{long}': id {why}")
+    );
+    let line = sriov_error(&["--net", "tap=a,vf_of="]);
+    assert_eq!(
+        line,
+        format!("ferrio: invalid device spec 'tap=a,vf_of=': vf_of {why}")
+    );
+}
+
+#[test]
+fn sriov_duplicate_id() {
+    let line = sriov_error(&[
+        "--disk",
+        "path=/nonexistent/a.img,id=dev0",
+        "--net",
+        "tap=a,id=dev0",
+    ]);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'tap=a,id=dev0': duplicate id `dev0` \
+         (ids must be unique across all disks and net devices)"
+    );
+}
+
+#[test]
+fn sriov_unknown_pf() {
+    let line = sriov_error(&["--net", "id=pf0,tap=tpf0", "--net", "tap=tvf0,vf_of=pf1"]);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'tap=tvf0,vf_of=pf1': unknown PF id `pf1`"
+    );
+    let line = sriov_error(&["--disk", "path=/nonexistent/vf.img,vf_of=d0"]);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'path=/nonexistent/vf.img,vf_of=d0': unknown PF id `d0`"
+    );
+}
+
+#[test]
+fn sriov_vf_of_other_device_type() {
+    let line = sriov_error(&[
+        "--net",
+        "id=pf0,tap=tpf0",
+        "--disk",
+        "path=/nonexistent/vf.img,vf_of=pf0",
+    ]);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'path=/nonexistent/vf.img,vf_of=pf0': PF `pf0` is a net \
+         device, but this VF is a disk (a VF has its PF's device type)"
+    );
+    let line = sriov_error(&[
+        "--disk",
+        "id=d0,path=/nonexistent/pf.img",
+        "--net",
+        "tap=tvf0,vf_of=d0",
+    ]);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'tap=tvf0,vf_of=d0': PF `d0` is a disk, but this VF is \
+         a net device (a VF has its PF's device type)"
+    );
+}
+
+#[test]
+fn sriov_vf_of_a_vf() {
+    let line = sriov_error(&[
+        "--net",
+        "id=pf0,tap=tpf0",
+        "--net",
+        "id=vf0,tap=tvf0,vf_of=pf0",
+        "--net",
+        "tap=tvf1,vf_of=vf0",
+    ]);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'tap=tvf1,vf_of=vf0': PF `vf0` is itself a VF \
+         (of `pf0`); a VF cannot have VFs"
+    );
+}
+
+#[test]
+fn sriov_vf_with_a_slot() {
+    let line = sriov_error(&[
+        "--disk",
+        "id=d0,path=/nonexistent/pf.img",
+        "--disk",
+        "path=/nonexistent/vf.img,vf_of=d0,slot=6",
+    ]);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'path=/nonexistent/vf.img,vf_of=d0,slot=6': a VF takes \
+         no slot=: it sits at its PF's devfn + 1 + VF index"
+    );
+}
+
+#[test]
+fn sriov_too_many_vfs_for_the_slot() {
+    let vfs: Vec<String> = (0..8).map(|i| format!("tap=tvf{i},vf_of=pf0")).collect();
+    let mut args = vec!["--net", "id=pf0,tap=tpf0,slot=31"];
+    for vf in &vfs {
+        args.extend(["--net", vf.as_str()]);
+    }
+    let line = sriov_error(&args);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'id=pf0,tap=tpf0,slot=31': PF `pf0` at slot 31 has 8 VFs, \
+         but at most 7 fit there (the last VF's devfn, slot * 8 + VFs, must be <= 0xFF)"
+    );
+}
+
+#[test]
+fn sriov_too_many_vfs() {
+    let vfs: Vec<String> = (0..249).map(|i| format!("tap=v{i},vf_of=pf0")).collect();
+    let mut args = vec!["--net", "id=pf0,tap=tpf0"];
+    for vf in &vfs {
+        args.extend(["--net", vf.as_str()]);
+    }
+    let line = sriov_error(&args);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'id=pf0,tap=tpf0': PF `pf0` has 249 VFs, more than the \
+         maximum of 248"
+    );
+}
+
+#[test]
+fn sriov_vf_iommu_without_pf_iommu() {
+    let line = sriov_error(&[
+        "--net",
+        "id=pf0,tap=tpf0",
+        "--net",
+        "tap=tvf0,vf_of=pf0,iommu=on",
+    ]);
+    assert_eq!(
+        line,
+        "ferrio: invalid device spec 'tap=tvf0,vf_of=pf0,iommu=on': iommu=on on a VF needs \
+         iommu=on on its PF `pf0`"
+    );
+}
+
+#[test]
+fn sriov_valid_config_passes_validation() {
+    // A valid PF + VFs gets through validation to the KVM device check (the last one).
+    let (dir, kernel) = workdir();
+    let image = |name: &str| {
+        let path = path_in(dir.path(), name);
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        path.display().to_string()
+    };
+    let disks = [
+        format!("id=d0,path={},slot=3", image("pf.img")),
+        format!("path={},vf_of=d0,readonly=on,serial=vf0", image("vf0.img")),
+    ];
+    let file = path_in(dir.path(), "vm.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "kernel = {kernel:?}\nnet = [\"id=pf0,tap=tpf0,iommu=on\", \
+             \"tap=tvf0,vf_of=pf0,iommu=on\", \"tap=tvf1,vf_of=pf0,mac=02:00:00:00:00:01\"]\n"
+        ),
+    )
+    .expect("write");
+    let line = expect_error(&[
+        "run",
+        "--config",
+        &file.display().to_string(),
+        "--iommu",
+        "--disk",
+        &disks[0],
+        "--disk",
+        &disks[1],
+        "--kvm-device",
+        "/nonexistent/kvm",
+    ]);
+    assert!(
+        line.starts_with("ferrio: KVM device /nonexistent/kvm: "),
+        "{line}"
+    );
+}

@@ -14,10 +14,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::common_cfg::{CommonCfg, CommonCfgAction, QueueConfig};
 use super::interrupt::{PciInterrupt, SharedState, VectorTrigger};
 use super::layout::{self, cap, VirtioCaps};
+use super::sriov::{self, SriovRole, VIRTIO_F_SR_IOV};
 use super::{class_code, offered_features, VirtioPciError};
 use crate::capability::PciePortType;
 use crate::config::{ranges_overlap, ConfigSpace, PciIds};
 use crate::msix::{Msix, MsixConfig, MsixTrigger};
+use crate::sriov::{SriovCap, SriovState};
 use crate::{BarInfo, BarKind, BarMapping, IoEvent, MsiVectors, PciDevice};
 
 impl VectorTrigger for MsixTrigger {
@@ -44,6 +46,18 @@ enum ActivationFailure {
     Device(#[from] ActivateError),
 }
 
+/// Where the function is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    /// Not running: after creation or a device reset.
+    Idle,
+    /// `device.activate` succeeded at DRIVER_OK and no reset happened since.
+    Active,
+    /// Quiesced before removal (a VF whose PF cleared VF Enable): the device is
+    /// stopped for good and BAR accesses are ignored.
+    Retired,
+}
+
 /// A virtio device on the virtio-pci modern transport: the PCI function the root
 /// complex sees (see the [module docs](super) for identity and BAR layout).
 pub struct VirtioPciDevice<M> {
@@ -57,8 +71,9 @@ pub struct VirtioPciDevice<M> {
     notify: Vec<EventFd>,
     /// Handed to the device at activation ([`Activation::dma`]).
     dma: DmaTracker,
-    /// `device.activate` succeeded and no reset happened since.
-    active: bool,
+    lifecycle: Lifecycle,
+    /// The SR-IOV capability of a PF.
+    sriov: Option<SriovCap>,
 }
 
 impl<M> std::fmt::Debug for VirtioPciDevice<M> {
@@ -66,7 +81,7 @@ impl<M> std::fmt::Debug for VirtioPciDevice<M> {
         f.debug_struct("VirtioPciDevice")
             .field("device_type", &self.device.device_type())
             .field("status", &self.common.status())
-            .field("active", &self.active)
+            .field("lifecycle", &self.lifecycle)
             .finish_non_exhaustive()
     }
 }
@@ -85,6 +100,19 @@ where
         msi: Arc<dyn MsiVectors>,
         access_platform: bool,
     ) -> Result<Self, VirtioPciError> {
+        Self::with_role(device, mem, msi, access_platform, SriovRole::None)
+    }
+
+    /// [`Self::new`] for a function with an SR-IOV `role`: a PF gets the SR-IOV
+    /// capability and offers VIRTIO_F_SR_IOV, a VF gets a VF's header (see
+    /// [`super::sriov`]).
+    pub fn with_role(
+        device: Box<dyn VirtioDevice<M>>,
+        mem: M,
+        msi: Arc<dyn MsiVectors>,
+        access_platform: bool,
+        role: SriovRole,
+    ) -> Result<Self, VirtioPciError> {
         let virtio_type = device.device_type();
         let device_id = u16::try_from(virtio_type)
             .ok()
@@ -92,7 +120,10 @@ where
             .map(|t| super::VIRTIO_PCI_DEVICE_ID_BASE + t)
             .ok_or(VirtioPciError::UnsupportedDeviceType(virtio_type))?;
         let max_sizes = device.queue_max_sizes().to_vec();
-        let offered = offered_features(device.device_features(), access_platform);
+        let mut offered = offered_features(device.device_features(), access_platform);
+        if matches!(role, SriovRole::Pf { .. }) {
+            offered |= VIRTIO_F_SR_IOV;
+        }
         // `CommonCfg::new` bounds the queue count, so the vector count fits a u16.
         let vectors = u16::try_from(max_sizes.len() + 1)
             .map_err(|_| VirtioPciError::TooManyQueues(max_sizes.len()))?;
@@ -127,6 +158,16 @@ where
             msi,
         )?;
         let caps = layout::add_virtio_caps(&mut config, common.num_queues())?;
+        let sriov = match role {
+            SriovRole::None => None,
+            SriovRole::Pf { total_vfs } => {
+                Some(sriov::add_pf_capability(&mut config, device_id, total_vfs)?)
+            }
+            SriovRole::Vf => {
+                sriov::make_vf_header(&mut config);
+                None
+            }
+        };
         let notify = (0..max_sizes.len())
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
@@ -147,7 +188,8 @@ where
             shared: Arc::new(SharedState::new(max_sizes.len())),
             notify,
             dma: DmaTracker::untracked(),
-            active: false,
+            lifecycle: Lifecycle::Idle,
+            sriov,
         })
     }
 
@@ -169,7 +211,7 @@ where
 
     /// Whether the device is running (activated at DRIVER_OK, not reset since).
     pub fn is_active(&self) -> bool {
-        self.active
+        self.lifecycle == Lifecycle::Active
     }
 
     /// The wrapped device.
@@ -234,7 +276,9 @@ where
     /// MSI-X state is PCI state and stays.
     fn reset(&mut self) {
         self.device.reset();
-        self.active = false;
+        if self.lifecycle == Lifecycle::Active {
+            self.lifecycle = Lifecycle::Idle;
+        }
         self.common.reset();
         self.shared.reset();
         for fd in &self.notify {
@@ -247,7 +291,7 @@ where
     fn activate(&mut self) {
         match self.try_activate() {
             Ok(()) => {
-                self.active = true;
+                self.lifecycle = Lifecycle::Active;
                 info!(
                     virtio_type = self.device.device_type(),
                     "virtio-pci: device activated"
@@ -354,7 +398,8 @@ where
 
     fn bar0_read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if !bar0_in_range(offset, data.len(), "read")
+        if self.lifecycle == Lifecycle::Retired
+            || !bar0_in_range(offset, data.len(), "read")
             || self.msix.read_bar(layout::BAR_INDEX, offset, data)
         {
             return;
@@ -374,7 +419,8 @@ where
     }
 
     fn bar0_write(&mut self, offset: u64, data: &[u8]) {
-        if !bar0_in_range(offset, data.len(), "write")
+        if self.lifecycle == Lifecycle::Retired
+            || !bar0_in_range(offset, data.len(), "write")
             || self.msix.write_bar(layout::BAR_INDEX, offset, data)
         {
             return;
@@ -429,7 +475,11 @@ where
     }
 
     fn write_config(&mut self, offset: u16, data: &[u8]) -> Vec<BarMapping> {
+        let before = self.sriov();
         let mappings = self.config.write(offset, data);
+        if let (Some(cap), Some(before)) = (&self.sriov, before) {
+            cap.after_write(&mut self.config, &before, offset, data.len());
+        }
         self.msix.config_write(&self.config, offset, data.len());
         let window = self.pci_cfg_data();
         if ranges_overlap(offset, data.len(), window, window + 4) {
@@ -471,6 +521,22 @@ where
         }
     }
 
+    fn sriov(&self) -> Option<SriovState> {
+        self.sriov.as_ref().map(|cap| cap.state(&self.config))
+    }
+
+    fn set_vf_bar_address(&mut self, index: u8, addr: u64) {
+        if let Some(cap) = &self.sriov {
+            cap.set_vf_bar_address(&mut self.config, index, addr);
+        }
+    }
+
+    fn quiesce(&mut self) {
+        self.reset();
+        self.lifecycle = Lifecycle::Retired;
+        debug!("virtio-pci: function quiesced");
+    }
+
     fn ioevents(&self) -> Vec<IoEvent> {
         let mut events = Vec::with_capacity(self.notify.len());
         for (index, fd) in (0u64..).zip(&self.notify) {
@@ -485,6 +551,15 @@ where
             }
         }
         events
+    }
+}
+
+impl<M> Drop for VirtioPciDevice<M> {
+    /// A function that goes away stops its device (a VF's device outlives it).
+    fn drop(&mut self) {
+        if self.lifecycle == Lifecycle::Active {
+            self.device.reset();
+        }
     }
 }
 

@@ -22,8 +22,13 @@ pub mod common_cfg;
 mod device;
 pub mod interrupt;
 pub mod layout;
+pub mod sriov;
 
 pub use device::VirtioPciDevice;
+pub use sriov::{
+    MsiAllocator, SharedVirtioDevice, SriovRole, VfFunction, VirtioVf, VirtioVfFactory,
+    VIRTIO_F_SR_IOV,
+};
 
 use ferrio_devices::virtio::{device_type, features};
 
@@ -100,4 +105,7 @@ pub enum VirtioPciError {
     /// A queue notification eventfd could not be created.
     #[error("cannot create a queue notification eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// The SR-IOV capability of a PF could not be built.
+    #[error("SR-IOV: {0}")]
+    Sriov(#[from] crate::sriov::SriovError),
 }

@@ -1,12 +1,15 @@
-//! `--disk path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N][,io_engine=sync|uring][,iommu=on]`
+//! `--disk path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,slot=N][,io_engine=sync|uring][,iommu=on][,id=NAME][,vf_of=NAME]`
 //! (virtio-blk over a raw image). Repeatable; disks get PCI slots in the order given, so
-//! a Linux guest names them vda, vdb, ... in that order.
+//! a Linux guest names them vda, vdb, ... in that order. `id=NAME` names the disk;
+//! `vf_of=NAME` makes it an SR-IOV VF of the disk with that id (see `sriov.rs`): it has
+//! no slot of its own and appears when the guest enables the PF's VFs.
 
 use std::path::{Path, PathBuf};
 
 use ferrio_devices::virtio::block::{IoEngine, MAX_QUEUES};
 
 use super::console::MAX_PCI_SLOT;
+use super::sriov::parse_id;
 use super::ConfigError;
 
 /// Longest serial the guest can read (VIRTIO_BLK_ID_BYTES).
@@ -29,6 +32,10 @@ pub struct DiskConfig {
     pub io_engine: IoEngine,
     /// Behind the virtio-iommu (needs `--iommu`).
     pub iommu: bool,
+    /// The device's name (`id=NAME`), unique across all disks and net devices.
+    pub id: Option<String>,
+    /// The id of the PF this disk is an SR-IOV VF of (`vf_of=NAME`).
+    pub vf_of: Option<String>,
 }
 
 pub(super) fn bad(spec: &str, why: impl Into<String>) -> ConfigError {
@@ -58,6 +65,8 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         slot: None,
         io_engine: IoEngine::Sync,
         iommu: false,
+        id: None,
+        vf_of: None,
     };
     for opt in spec.split(',') {
         let Some((key, v)) = opt.split_once('=') else {
@@ -100,6 +109,8 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
             "slot" => d.slot = Some(parse_slot(spec, v)?),
             "io_engine" => d.io_engine = v.parse().map_err(|e: String| bad(spec, e))?,
             "iommu" => d.iommu = on_off(spec, key, v)?,
+            "id" => d.id = Some(parse_id(spec, key, v)?),
+            "vf_of" => d.vf_of = Some(parse_id(spec, key, v)?),
             _ => return Err(bad(spec, format!("unknown option `{opt}`"))),
         }
     }
@@ -162,6 +173,8 @@ mod tests {
                 slot: Some(7),
                 io_engine: IoEngine::Uring,
                 iommu: true,
+                id: None,
+                vf_of: None,
             }
         );
         let d = parse_disk("path=/img").unwrap();
@@ -172,6 +185,57 @@ mod tests {
         assert_eq!(d.io_engine, IoEngine::Sync);
         let d = parse_disk("path=/img,io_engine=sync").unwrap();
         assert_eq!(d.io_engine, IoEngine::Sync);
+        assert_eq!((d.id, d.vf_of), (None, None));
+    }
+
+    #[test]
+    fn id_and_vf_of() {
+        let d = parse_disk("id=pf-0_A,path=/pf.img,slot=3").unwrap();
+        assert_eq!(
+            (d.id.as_deref(), d.vf_of.as_deref()),
+            (Some("pf-0_A"), None)
+        );
+        assert!(!d.is_vf());
+        let d = parse_disk(
+            "path=/vf.img,vf_of=pf-0_A,readonly=on,direct=on,num_queues=2,queue_size=64,\
+             serial=vf0,io_engine=uring,iommu=on,id=vf0",
+        )
+        .unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/vf.img".into(),
+                read_only: true,
+                direct: true,
+                num_queues: 2,
+                queue_size: 64,
+                serial: Some("vf0".into()),
+                slot: None,
+                io_engine: IoEngine::Uring,
+                iommu: true,
+                id: Some("vf0".into()),
+                vf_of: Some("pf-0_A".into()),
+            }
+        );
+        assert!(d.is_vf());
+        let max = format!("path=/i,id={}", "x".repeat(32));
+        assert_eq!(parse_disk(&max).unwrap().id.map(|s| s.len()), Some(32));
+        for (spec, key) in [
+            ("path=/i,id=", "id"),
+            ("path=/i,id=a:b", "id"),
+            ("path=/i,id=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx", "id"),
+            ("path=/i,vf_of=", "vf_of"),
+            ("path=/i,vf_of=a=b", "vf_of"),
+        ] {
+            let err = parse_disk(spec).expect_err(spec).to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "invalid device spec '{spec}': {key} must be 1..=32 characters of \
+                     A-Z, a-z, 0-9, _ and -"
+                )
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! `--net tap=NAME[,mac=MAC][,num_queue_pairs=N][,queue_size=N][,slot=N][,iommu=on]` or
-//! `--net fd=N[,mac=MAC][,queue_size=N][,slot=N][,iommu=on]` (virtio-net over a TAP). Repeatable;
-//! NICs get PCI slots in the order given. Without `mac`, NIC `i` gets
-//! 52:54:00:12:34:(0x56 + i), QEMU's default scheme.
+//! `--net tap=NAME[,mac=MAC][,num_queue_pairs=N][,queue_size=N][,slot=N][,iommu=on][,id=NAME][,vf_of=NAME]`
+//! or `--net fd=N[,mac=MAC][,queue_size=N][,slot=N][,iommu=on][,id=NAME][,vf_of=NAME]`
+//! (virtio-net over a TAP). Repeatable; NICs get PCI slots in the order given. Without `mac`, NIC `i` (counting every
+//! `--net`, VFs included) gets 52:54:00:12:34:(0x56 + i), QEMU's default scheme.
+//! `id=NAME` names the NIC; `vf_of=NAME` makes it an SR-IOV VF of the NIC with that id
+//! (see `sriov.rs`): it has no slot of its own and appears when the guest enables the
+//! PF's VFs.
 
 use std::fmt;
 use std::os::fd::RawFd;
@@ -10,6 +13,7 @@ use std::str::FromStr;
 use ferrio_devices::virtio::net::tap::MAX_QUEUE_PAIRS;
 
 use super::disk::{bad, on_off, parse_slot, MAX_QUEUE_SIZE};
+use super::sriov::parse_id;
 use super::ConfigError;
 
 /// Where a NIC's frames go on the host.
@@ -74,6 +78,10 @@ pub struct NetConfig {
     pub slot: Option<u8>,
     /// Behind the virtio-iommu (needs `--iommu`).
     pub iommu: bool,
+    /// The device's name (`id=NAME`), unique across all disks and net devices.
+    pub id: Option<String>,
+    /// The id of the PF this NIC is an SR-IOV VF of (`vf_of=NAME`).
+    pub vf_of: Option<String>,
 }
 
 /// Parses the `index`-th `--net` spec (the index picks the default MAC).
@@ -84,6 +92,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
     let mut queue_size = 256;
     let mut slot = None;
     let mut iommu = false;
+    let (mut id, mut vf_of) = (None, None);
     for opt in spec.split(',') {
         let Some((key, v)) = opt.split_once('=') else {
             return Err(bad(spec, format!("expected key=value, got `{opt}`")));
@@ -129,6 +138,8 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
             }
             "slot" => slot = Some(parse_slot(spec, v)?),
             "iommu" => iommu = on_off(spec, key, v)?,
+            "id" => id = Some(parse_id(spec, key, v)?),
+            "vf_of" => vf_of = Some(parse_id(spec, key, v)?),
             _ => return Err(bad(spec, format!("unknown option `{opt}`"))),
         }
     }
@@ -150,6 +161,8 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
         queue_size,
         slot,
         iommu,
+        id,
+        vf_of,
     })
 }
 
@@ -173,12 +186,61 @@ mod tests {
                 queue_size: 1024,
                 slot: Some(5),
                 iommu: true,
+                id: None,
+                vf_of: None,
             }
         );
         let n = parse_net("fd=7", 2).unwrap();
         assert_eq!(n.backend, NetBackendConfig::Fd(7));
         assert_eq!(n.mac.to_string(), "52:54:00:12:34:58");
         assert_eq!((n.num_queue_pairs, n.queue_size, n.slot), (1, 256, None));
+        assert_eq!((n.id, n.vf_of), (None, None));
+    }
+
+    #[test]
+    fn id_and_vf_of() {
+        let n = parse_net("id=pf0,tap=tpf0,slot=2", 0).unwrap();
+        assert_eq!((n.id.as_deref(), n.vf_of.as_deref()), (Some("pf0"), None));
+        assert!(!n.is_vf());
+        let n = parse_net(
+            "tap=tvf0,vf_of=pf0,mac=02:00:00:00:00:02,num_queue_pairs=2,queue_size=128,iommu=on",
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            n,
+            NetConfig {
+                backend: NetBackendConfig::Tap("tvf0".into()),
+                mac: MacAddr([2, 0, 0, 0, 0, 2]),
+                num_queue_pairs: 2,
+                queue_size: 128,
+                slot: None,
+                iommu: true,
+                id: None,
+                vf_of: Some("pf0".into()),
+            }
+        );
+        assert!(n.is_vf());
+        // A VF without mac= gets the index-based default like any NIC.
+        let n = parse_net("fd=5,vf_of=pf0,id=vf-1", 3).unwrap();
+        assert_eq!(n.mac.to_string(), "52:54:00:12:34:59");
+        assert_eq!(n.id.as_deref(), Some("vf-1"));
+        for (spec, key) in [
+            ("tap=a,id=", "id"),
+            ("tap=a,id=a.b", "id"),
+            ("tap=a,id=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx", "id"),
+            ("tap=a,vf_of=", "vf_of"),
+            ("tap=a,vf_of=p f", "vf_of"),
+        ] {
+            let err = parse_net(spec, 0).expect_err(spec).to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "invalid device spec '{spec}': {key} must be 1..=32 characters of \
+                     A-Z, a-z, 0-9, _ and -"
+                )
+            );
+        }
     }
 
     #[test]

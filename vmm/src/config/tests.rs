@@ -168,6 +168,8 @@ fn toml_and_json_agree() {
                     queue_size: 256,
                     slot: None,
                     iommu: false,
+                    id: None,
+                    vf_of: None,
                 },
                 NetConfig {
                     backend: NetBackendConfig::Fd(5),
@@ -176,6 +178,8 @@ fn toml_and_json_agree() {
                     queue_size: 256,
                     slot: None,
                     iommu: false,
+                    id: None,
+                    vf_of: None,
                 },
             ],
         }
@@ -485,3 +489,5 @@ fn one_tap_fd_per_nic() {
     );
     assert!(err.to_string().contains("two NICs"), "{err}");
 }
+
+mod sriov;

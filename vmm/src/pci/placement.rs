@@ -5,10 +5,16 @@
 //! endpoint) and marks its accesses in the endpoint's DMA tracker. The virtio-iommu
 //! function itself is added last, once every endpoint is registered, and the VIOT
 //! description comes out of [`Placement::finish`].
+//!
+//! An SR-IOV PF's VFs are endpoints of their own (id = the VF's BDF), registered at
+//! boot for every VF the PF can have, so the VIOT covers them before they exist.
 
+use ferrio_devices::dma::DmaTracker;
 use ferrio_devices::virtio::VirtioDevice;
 use ferrio_iommu::{Endpoint, IommuConfig, VirtioIommu};
 use ferrio_pci::root::PciAddress;
+use ferrio_pci::virtio_pci::{VfFunction, VirtioVf};
+use ferrio_pci::SriovState;
 use vm_memory::{GuestMemoryMmap, IommuMemory};
 
 use super::PciBuilder;
@@ -60,22 +66,80 @@ impl<'a> Placement<'a> {
                 None,
             );
         }
+        let address = self.pci.next_address(slot)?;
+        let (mem, dma) = self.endpoint(address)?;
+        let added =
+            self.pci
+                .add_virtio::<TranslatedMemory>(Box::new(device), mem, slot, Some(dma))?;
+        debug_assert_eq!(added, address);
+        Ok(address)
+    }
+
+    /// Adds an SR-IOV PF at `slot` (or the first slot with room for it and its VFs)
+    /// with VF `i` = `vfs[i]`; each device goes behind the IOMMU if its flag says so.
+    /// Returns the PF's address and the addresses its VFs will have.
+    pub fn add_pf<D>(
+        &mut self,
+        pf: (D, bool),
+        vfs: Vec<(D, bool)>,
+        slot: Option<u8>,
+    ) -> Result<(PciAddress, Vec<PciAddress>), Error>
+    where
+        D: VirtioDevice<GuestMemoryMmap> + VirtioDevice<TranslatedMemory> + 'static,
+    {
+        let total = u16::try_from(vfs.len()).map_err(|e| Error::Pci(e.to_string()))?;
+        let address = self.pci.next_pf_address(slot, total)?;
+        let mut functions: Vec<Box<dyn VfFunction>> = Vec::with_capacity(vfs.len());
+        let mut vf_addresses = Vec::with_capacity(vfs.len());
+        for (index, (device, behind_iommu)) in (0u16..).zip(vfs) {
+            let vf = SriovState::vf_address(address, index)
+                .ok_or_else(|| Error::Pci(format!("VF {index} of {address} is off the bus")))?;
+            vf_addresses.push(vf);
+            functions.push(if behind_iommu {
+                let (mem, dma) = self.endpoint(vf)?;
+                let device: Box<dyn VirtioDevice<TranslatedMemory>> = Box::new(device);
+                Box::new(VirtioVf::new(device, mem, Some(dma)))
+            } else {
+                let device: Box<dyn VirtioDevice<GuestMemoryMmap>> = Box::new(device);
+                Box::new(VirtioVf::new(device, self.mem.clone(), None))
+            });
+        }
+        let (device, behind_iommu) = pf;
+        let added = if behind_iommu {
+            let (mem, dma) = self.endpoint(address)?;
+            self.pci.add_virtio_pf::<TranslatedMemory>(
+                Box::new(device),
+                mem,
+                slot,
+                Some(dma),
+                functions,
+            )?
+        } else {
+            self.pci.add_virtio_pf::<GuestMemoryMmap>(
+                Box::new(device),
+                self.mem.clone(),
+                slot,
+                None,
+                functions,
+            )?
+        };
+        debug_assert_eq!(added, address);
+        Ok((address, vf_addresses))
+    }
+
+    /// Registers the function at `address` as an endpoint of the virtio-iommu: guest
+    /// memory as it sees it, and the tracker UNMAPs wait on.
+    fn endpoint(&mut self, address: PciAddress) -> Result<(TranslatedMemory, DmaTracker), Error> {
         let iommu = self.iommu.as_mut().ok_or_else(|| {
             Error::Pci("iommu=on for a device but there is no virtio-iommu".into())
         })?;
-        let address = self.pci.next_address(slot)?;
         let endpoint = iommu
             .device
             .add_endpoint(endpoint_id(address))
             .map_err(|e| Error::Pci(e.to_string()))?;
         let dma = endpoint.dma_tracker();
-        let mem = IommuMemory::new(self.mem.clone(), endpoint, true, ());
-        let added =
-            self.pci
-                .add_virtio::<TranslatedMemory>(Box::new(device), mem, slot, Some(dma))?;
-        debug_assert_eq!(added, address);
         iommu.endpoints.push(address);
-        Ok(address)
+        Ok((IommuMemory::new(self.mem.clone(), endpoint, true, ()), dma))
     }
 
     /// Adds the virtio-iommu function (if any) and returns what the VIOT must say.
