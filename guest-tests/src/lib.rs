@@ -17,6 +17,7 @@ mod outcome;
 mod protocol;
 mod qemu;
 mod scratch;
+mod sniffer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -27,11 +28,12 @@ pub use image::{ensure_image, ferrio_binary, read_manifest, GuestImage};
 pub use iommu_machine::{IommuDevice, IommuMachine, Vmm, VMM_ENV};
 pub use live::LiveGuest;
 pub use net_peer::{direction_mbps, wire as net_wire, FlowReport, NetPeer};
-pub use netns::{enter_on_exec, NetNs};
+pub use netns::{enter_on_exec, NetNs, TapSpec};
 pub use outcome::Outcome;
 pub use protocol::{parse_line, CheckResult, Done, Event};
 pub use qemu::{qemu_command, qemu_max_cpus, qemu_net_args, QEMU_BIOS};
 pub use scratch::ScratchImage;
+pub use sniffer::{SniffedFrame, Sniffer};
 
 /// The workspace root (the directory holding `resources/` and `guest-tests/`).
 pub fn repo_root() -> PathBuf {

@@ -1,4 +1,5 @@
-//! The host end of the net checks: a TCP server on 10.0.2.2 inside a [`NetNs`] that
+//! The host end of the net checks: a TCP server on 10.0.2.2 (or another host address
+//! of the namespace, [`NetPeer::start_on`]) inside a [`NetNs`] that
 //! serves the guest's flows (protocol and byte stream in
 //! `agent/src/scenarios/net/wire.rs`, shared with the guest through `#[path]`). Per
 //! connection it receives or sends the requested bytes, computes their sha256,
@@ -11,7 +12,7 @@
 pub mod wire;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -80,7 +81,13 @@ impl NetPeer {
     /// Listens on 10.0.2.2:[`wire::PORT`] inside `ns`. With `verify`, uploads are
     /// compared with the expected stream and every flow is hashed.
     pub fn start(ns: &NetNs, verify: bool) -> Result<NetPeer> {
-        let addr = (std::net::Ipv4Addr::from(wire::PEER_IP), wire::PORT);
+        NetPeer::start_on(ns, Ipv4Addr::from(wire::PEER_IP), verify)
+    }
+
+    /// Listens on `ip`:[`wire::PORT`] inside `ns` (`ip` must be the host end of one of
+    /// its TAPs, see [`NetNs::with_taps`]); otherwise as [`NetPeer::start`].
+    pub fn start_on(ns: &NetNs, ip: Ipv4Addr, verify: bool) -> Result<NetPeer> {
+        let addr = (ip, wire::PORT);
         let listener = ns
             .run(move || TcpListener::bind(addr))?
             .map_err(|e| Error::io(format!("listen on {addr:?} in {}", ns.name()), e))?;

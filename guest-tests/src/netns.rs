@@ -1,7 +1,8 @@
-//! A throw-away network namespace holding a persistent multi-queue TAP, the backend
-//! of the guest's virtio-net NIC in the net tests. The VMM process is moved into the
-//! namespace before it executes ([`enter_on_exec`]), so it finds the TAP by name, and
-//! the host end of the checks opens its sockets from a thread inside it
+//! A throw-away network namespace holding persistent multi-queue TAPs, the backends
+//! of the guest's virtio-net NICs in the net tests (one TAP, [`NetNs::create`]; one
+//! per NIC, each in its own subnet, [`NetNs::with_taps`]). The VMM process is moved
+//! into the namespace before it executes ([`enter_on_exec`]), so it finds the TAPs by
+//! name, and the host end of the checks opens its sockets from a thread inside it
 //! ([`NetNs::run`]). Nothing touches the host's own namespace.
 
 use std::ffi::CString;
@@ -14,21 +15,39 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::net_wire as wire;
 use crate::{Error, Result};
 
-/// The TAP's name inside the namespace.
+/// The TAP's name inside the namespace (the first TAP of [`NetNs::with_taps`]).
 pub const TAP_NAME: &str = "ftap0";
 /// The address of the host end on the TAP.
 pub const HOST_CIDR: &str = "10.0.2.2/24";
+
+/// One TAP of a namespace: its name and the host end's address on it (`A.B.C.D/N`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapSpec {
+    pub name: String,
+    pub host_cidr: String,
+}
+
+impl TapSpec {
+    pub fn new(name: &str, host_cidr: &str) -> TapSpec {
+        TapSpec {
+            name: name.to_owned(),
+            host_cidr: host_cidr.to_owned(),
+        }
+    }
+}
 /// Where `ip netns add` puts the namespace handles.
 const NETNS_DIR: &str = "/run/netns";
 const PREFIX: &str = "ferrio-";
 
-/// A network namespace `ferrio-<pid>-<n>` with TAP [`TAP_NAME`] (multi-queue, up,
-/// [`HOST_CIDR`]), `lo` up and TCP's minimum TSO packet raised to 64 KiB
-/// (`tcp_min_tso_segs`, see `wire::TSO_SEGS_PARAM`). Deleted when dropped.
+/// A network namespace `ferrio-<pid>-<n>` with its TAPs (multi-queue, up, each with
+/// its host address; by default the one TAP [`TAP_NAME`] at [`HOST_CIDR`]), `lo` up
+/// and TCP's minimum TSO packet raised to 64 KiB (`tcp_min_tso_segs`, see
+/// `wire::TSO_SEGS_PARAM`). Deleted when dropped.
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
     path: PathBuf,
+    taps: Vec<TapSpec>,
 }
 
 /// Runs `ip ARGS`, returning its stdout, or an error with its output.
@@ -91,9 +110,22 @@ impl NetNs {
         None
     }
 
-    /// Creates the namespace and its TAP. Fails with the reason of [`NetNs::unavailable`]
-    /// when namespaces cannot be used.
+    /// Creates the namespace and its TAP [`TAP_NAME`] at [`HOST_CIDR`]. Fails with the
+    /// reason of [`NetNs::unavailable`] when namespaces cannot be used.
     pub fn create() -> Result<NetNs> {
+        NetNs::with_taps(&[TapSpec::new(TAP_NAME, HOST_CIDR)])
+    }
+
+    /// Creates the namespace with these TAPs (at least one; names and subnets
+    /// distinct, so each NIC's traffic leaves through its own TAP). Fails with the
+    /// reason of [`NetNs::unavailable`] when namespaces cannot be used.
+    pub fn with_taps(taps: &[TapSpec]) -> Result<NetNs> {
+        if taps.is_empty() {
+            return Err(Error::io(
+                "create a network namespace",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "no TAP given"),
+            ));
+        }
         if let Some(why) = NetNs::unavailable() {
             return Err(Error::io(
                 "create a network namespace",
@@ -108,22 +140,19 @@ impl NetNs {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         ip(&["netns", "add", &name])?;
+        // From here on, dropping `ns` deletes the namespace (and its TAPs) on errors.
         let ns = NetNs {
             path: Path::new(NETNS_DIR).join(&name),
             name,
+            taps: taps.to_vec(),
         };
-        ns.ip(&[
-            "tuntap",
-            "add",
-            "dev",
-            TAP_NAME,
-            "mode",
-            "tap",
-            "multi_queue",
-        ])?;
-        ns.ip(&["addr", "add", HOST_CIDR, "dev", TAP_NAME])?;
         ns.ip(&["link", "set", "lo", "up"])?;
-        ns.ip(&["link", "set", TAP_NAME, "up"])?;
+        for tap in taps {
+            let dev = tap.name.as_str();
+            ns.ip(&["tuntap", "add", "dev", dev, "mode", "tap", "multi_queue"])?;
+            ns.ip(&["addr", "add", &tap.host_cidr, "dev", dev])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
         // The host end's TSO packets as large as the guest's (see the constant).
         let segs = format!("{}\n", wire::DEFAULT_TSO_SEGS);
         ns.run(|| std::fs::write(wire::TSO_SEGS_SYSCTL, segs))?
@@ -140,8 +169,14 @@ impl NetNs {
         &self.path
     }
 
+    /// The first TAP's name ([`TAP_NAME`] for [`NetNs::create`]).
     pub fn tap(&self) -> &str {
-        TAP_NAME
+        &self.taps[0].name
+    }
+
+    /// Every TAP, in the order given.
+    pub fn taps(&self) -> &[TapSpec] {
+        &self.taps
     }
 
     /// `ip -n NAME ARGS`: stdout, or an error with the command's output.
@@ -177,11 +212,11 @@ impl NetNs {
         })
     }
 
-    /// ferrio's arguments for a virtio-net NIC on this namespace's TAP.
+    /// ferrio's arguments for a virtio-net NIC on this namespace's (first) TAP.
     pub fn ferrio_net_args(&self, mac: &str, queue_pairs: u8) -> Vec<String> {
         vec![
             "--net".into(),
-            format!("tap={TAP_NAME},mac={mac},num_queue_pairs={queue_pairs}"),
+            format!("tap={},mac={mac},num_queue_pairs={queue_pairs}", self.tap()),
         ]
     }
 
@@ -282,7 +317,44 @@ mod tests {
         enter_on_exec(&mut bad, Path::new("/nonexistent/netns"));
         assert!(bad.status().is_err());
 
+        assert_eq!(
+            ns.ferrio_net_args("52:54:00:00:00:01", 2),
+            ["--net", "tap=ftap0,mac=52:54:00:00:00:01,num_queue_pairs=2"]
+        );
         drop(ns);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn namespace_with_several_taps_one_subnet_each() {
+        assert!(NetNs::with_taps(&[]).is_err());
+        if let Some(why) = NetNs::unavailable() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        let taps = [
+            TapSpec::new("ftap0", "10.0.2.2/24"),
+            TapSpec::new("ftap1", "10.0.3.2/24"),
+            TapSpec::new("ftap2", "10.0.4.2/24"),
+        ];
+        let ns = NetNs::with_taps(&taps).unwrap();
+        assert_eq!(ns.tap(), "ftap0");
+        assert_eq!(ns.taps(), &taps);
+        for tap in &taps {
+            let details = ns.ip(&["-d", "link", "show", &tap.name]).unwrap();
+            assert!(details.contains("multi_queue"), "{details}");
+            assert!(details.contains(",UP"), "{details}");
+            let addrs = ns.ip(&["-o", "-4", "addr", "show", &tap.name]).unwrap();
+            assert!(addrs.contains(&tap.host_cidr), "{addrs}");
+        }
+        // Each subnet is reached through its own TAP.
+        let route = ns.ip(&["-o", "route", "get", "10.0.4.15"]).unwrap();
+        assert!(route.contains("dev ftap2"), "{route}");
+        // A name that cannot be an interface's (over 15 bytes) fails the creation.
+        let bad = [
+            TapSpec::new("ftap0", "10.0.2.2/24"),
+            TapSpec::new("ftap-name-too-long", "10.0.3.2/24"),
+        ];
+        assert!(NetNs::with_taps(&bad).is_err());
     }
 }

@@ -10,6 +10,7 @@ pub mod fio;
 pub mod iommu;
 pub mod net;
 pub mod pci;
+pub mod sriov;
 pub mod vfio;
 
 /// A scenario entry point.
@@ -25,6 +26,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("net", net::run),
     ("iommu", iommu::run),
     ("vfio-in-guest", vfio::run),
+    ("sriov", sriov::run),
     ("selftest-panic", selftest_panic),
 ];
 
@@ -57,6 +59,7 @@ mod tests {
         assert!(super::find("nope").is_none());
         assert!(super::find("blk").is_some());
         assert!(super::find("blk-durable").is_some());
+        assert!(super::find("sriov").is_some());
         assert!(super::names().split(',').any(|n| n == "boot"));
     }
 }

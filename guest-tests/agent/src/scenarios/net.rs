@@ -11,7 +11,7 @@
 //! `ferrio.net.pings=N` (20), `ferrio.net.verify=0` (no hashing, for benchmarks) and
 //! `ferrio.net.tso_segs=N` (44, see [`wire::TSO_SEGS_PARAM`]) are the other knobs. Flow checks are named `g2h_flowN_*` / `h2g_flowN_*`.
 
-mod flows;
+pub(crate) mod flows;
 pub(crate) mod link;
 // Shared with the host's peer through `#[path]`; some items are host-only.
 #[allow(dead_code)]

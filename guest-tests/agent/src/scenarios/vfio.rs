@@ -17,6 +17,8 @@
 mod bind;
 mod device;
 mod userblk;
+pub mod usernet;
+mod virtio;
 
 use std::time::Duration;
 

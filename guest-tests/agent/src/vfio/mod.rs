@@ -379,6 +379,16 @@ impl Device {
         Ok(u32::from_le_bytes(b))
     }
 
+    /// Sets memory decoding and bus mastering in the command register (vfio-pci
+    /// leaves bus mastering to the user); returns the register read back.
+    pub fn enable_bus_master(&self) -> Result<u16, String> {
+        let cfg = self.region(VFIO_PCI_CONFIG_REGION_INDEX)?;
+        let cmd = self.read_u16(&cfg, pci::PCI_COMMAND)?;
+        let bits = pci::COMMAND_MEMORY | pci::COMMAND_MASTER;
+        self.write_u16(&cfg, pci::PCI_COMMAND, cmd | bits)?;
+        self.read_u16(&cfg, pci::PCI_COMMAND)
+    }
+
     pub fn write_u8(&self, region: &RegionInfo, offset: u64, v: u8) -> Result<(), String> {
         self.write(region, offset, &[v])
     }

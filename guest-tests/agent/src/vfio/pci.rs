@@ -13,6 +13,11 @@ const CAP_POINTER: usize = 0x34;
 /// At most this many capabilities (48 fit in 192 bytes): a loop ends the walk.
 const MAX_CAPS: usize = 48;
 
+/// The command register and its memory-decoding and bus-master bits.
+pub const PCI_COMMAND: u64 = 0x04;
+pub const COMMAND_MEMORY: u16 = 1 << 1;
+pub const COMMAND_MASTER: u16 = 1 << 2;
+
 /// virtio-pci `cfg_type`s (virtio 1.2, 4.1.4).
 pub const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
 pub const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;

@@ -38,8 +38,8 @@ pub struct Flow {
     pub data_done: Duration,
 }
 
-/// Runs `flows` concurrent flows of `len` bytes each in `direction`; one result per
-/// flow, in flow order.
+/// Runs `flows` concurrent flows of `len` bytes each in `direction` with the peer at
+/// [`wire::PEER_IP`]; one result per flow, in flow order.
 pub fn run(
     direction: Direction,
     flows: u8,
@@ -47,10 +47,23 @@ pub fn run(
     verify: bool,
     cpus: usize,
 ) -> Vec<Result<Flow, String>> {
+    run_to(wire::PEER_IP, direction, flows, len, verify, cpus)
+}
+
+/// [`run`] with the peer listening at `peer_ip` (port [`wire::PORT`]).
+pub fn run_to(
+    peer_ip: [u8; 4],
+    direction: Direction,
+    flows: u8,
+    len: u64,
+    verify: bool,
+    cpus: usize,
+) -> Vec<Result<Flow, String>> {
+    let peer = SocketAddrV4::new(Ipv4Addr::from(peer_ip), wire::PORT);
     let handles: Vec<_> = (0..flows)
         .map(|flow| {
             let cpu = usize::from(flow) % cpus.max(1);
-            std::thread::spawn(move || one_flow(direction, flow, cpu, len, verify))
+            std::thread::spawn(move || one_flow(peer, direction, flow, cpu, len, verify))
         })
         .collect();
     handles
@@ -69,6 +82,7 @@ fn current_cpu() -> Option<usize> {
 }
 
 fn one_flow(
+    peer: SocketAddrV4,
     direction: Direction,
     flow: u8,
     cpu: usize,
@@ -76,7 +90,6 @@ fn one_flow(
     verify: bool,
 ) -> Result<Flow, String> {
     disk::pin(&[cpu])?;
-    let peer = SocketAddrV4::new(Ipv4Addr::from(wire::PEER_IP), wire::PORT);
     let started = Instant::now();
     let mut sock = TcpStream::connect_timeout(&peer.into(), Duration::from_secs(30))
         .map_err(|e| format!("connect {peer}: {e}"))?;

@@ -1,5 +1,6 @@
-//! sysfs side of the `vfio-in-guest` scenario: finding the disk the host set aside
-//! (by its virtio-blk serial), what the kernel's driver saw of it, and moving its PCI
+//! sysfs side of the VFIO scenarios: finding the disk the host set aside (by its
+//! virtio-blk serial), what the kernel's driver saw of it, the net interface of a
+//! virtio-net function, the type1 `allow_unsafe_interrupts` switch, and moving a PCI
 //! function between drivers (`driver/unbind`, `driver_override`, `drivers/X/bind`,
 //! `drivers_probe`).
 
@@ -10,6 +11,7 @@ use crate::disk::{self, DiskInfo};
 use crate::sys;
 
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+const UNSAFE_INTERRUPTS: &str = "/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts";
 
 /// The disk handed to VFIO, as the kernel's virtio_blk driver saw it.
 #[derive(Debug, Clone)]
@@ -148,5 +150,85 @@ pub fn wait_for_disk(bdf: &str, serial: &str, timeout: Duration) -> Result<Strin
             ));
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The net interface under a PCI function's sysfs directory `dir`
+/// (`virtioN/net/<name>`), if the virtio_net driver created one.
+fn net_ifname_in(dir: &Path) -> Option<String> {
+    let mut virtio: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("virtio"))
+        .map(|e| e.path().join("net"))
+        .collect();
+    virtio.sort();
+    virtio.iter().find_map(|net| {
+        let mut names: Vec<String> = std::fs::read_dir(net)
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.into_iter().next()
+    })
+}
+
+/// The net interface of virtio-net PCI function `bdf`, if it has one.
+pub fn net_ifname(bdf: &str) -> Option<String> {
+    net_ifname_in(&pci_dir(bdf))
+}
+
+/// Waits (up to `timeout`) for virtio-net function `bdf` to get a net interface;
+/// returns its name.
+pub fn wait_for_netdev(bdf: &str, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(name) = net_ifname(bdf) {
+            return Ok(name);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no net interface on {bdf} after {timeout:?} (driver {:?})",
+                driver(bdf)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// virtio-iommu cannot isolate MSIs (no interrupt remapping), so type1 refuses a
+/// group unless unsafe interrupts are allowed: allows them. Returns whether they are
+/// allowed now and what the parameter said before and after.
+pub fn allow_unsafe_interrupts() -> (bool, String) {
+    let on = |v: &str| v == "Y" || v == "1";
+    let before = sys::read_trimmed(UNSAFE_INTERRUPTS).unwrap_or_else(|e| e);
+    if on(&before) {
+        return (true, format!("already {before}"));
+    }
+    let set = std::fs::write(UNSAFE_INTERRUPTS, "1").map_err(|e| e.to_string());
+    let after = sys::read_trimmed(UNSAFE_INTERRUPTS).unwrap_or_else(|e| e);
+    (
+        set.is_ok() && on(&after),
+        format!("{before} -> {after} {}", set.err().unwrap_or_default()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_net_interface_of_a_virtio_function() {
+        let dir = std::env::temp_dir().join(format!("ferrio-bind-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("msi_irqs")).unwrap();
+        assert_eq!(net_ifname_in(&dir), None);
+        std::fs::create_dir_all(dir.join("virtio3/net")).unwrap();
+        assert_eq!(net_ifname_in(&dir), None, "net/ without an interface");
+        std::fs::create_dir_all(dir.join("virtio3/net/eth1/queues")).unwrap();
+        assert_eq!(net_ifname_in(&dir).as_deref(), Some("eth1"));
+        assert_eq!(net_ifname_in(&dir.join("missing")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

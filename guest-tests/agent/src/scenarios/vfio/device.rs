@@ -7,6 +7,7 @@
 
 use super::bind::Target;
 use super::userblk::{self, UserBlk, SLOT_LEN, T_IN, T_OUT};
+use super::virtio;
 use crate::pattern;
 use crate::report::Reporter;
 use crate::vfio::pci::{self, u16_at};
@@ -19,9 +20,6 @@ const WRITE_SEED: u64 = 0xfe11_0000_6e57_f1f0;
 /// Where the user-space driver writes (byte offset 4096), and reads the host's data.
 pub const WRITE_SECTOR: u64 = 8;
 const READ_SECTOR: u64 = 0;
-const PCI_COMMAND: u64 = 0x04;
-const COMMAND_MEMORY: u16 = 1 << 1;
-const COMMAND_MASTER: u16 = 1 << 2;
 
 /// What the I/O part established, for the checks after VFIO let go of the device.
 #[derive(Debug, Default, Clone)]
@@ -126,8 +124,8 @@ fn inspect(r: &mut Reporter, dev: &Device, target: &Target) -> Result<Vec<u8>, (
 /// The virtio common configuration and the virtio-blk capacity, read through the
 /// BAR regions, against what the kernel's driver saw.
 fn virtio_registers(r: &mut Reporter, dev: &Device, cfg: &[u8], target: &Target) {
-    let (region, base) = match UserBlk::common_block(dev, cfg) {
-        Ok(b) => b,
+    let (region, base) = match virtio::common_block(dev, cfg) {
+        Ok(b) => (b.region, b.base),
         Err(e) => return r.check("vfio_common_cfg", false, e),
     };
     r.check(
@@ -140,7 +138,7 @@ fn virtio_registers(r: &mut Reporter, dev: &Device, cfg: &[u8], target: &Target)
         ),
     );
     // The driver uses at most one queue per CPU: the device may have more.
-    let queues = dev.read_u16(&region, base + userblk::NUM_QUEUES);
+    let queues = dev.read_u16(&region, base + virtio::NUM_QUEUES);
     let used = target.info.mq_queues as u64;
     match queues {
         Ok(q) => r.check("vfio_num_queues", u64::from(q) >= used.max(1), u64::from(q)),
@@ -148,7 +146,7 @@ fn virtio_registers(r: &mut Reporter, dev: &Device, cfg: &[u8], target: &Target)
     }
     // Reset (0), or ACKNOWLEDGE alone (1): what virtio's remove path leaves when
     // vfio-pci has no way to reset the function.
-    match dev.read_u8(&region, base + userblk::DEVICE_STATUS) {
+    match dev.read_u8(&region, base + virtio::DEVICE_STATUS) {
         Ok(s) => r.check("vfio_device_status", s <= 1, u64::from(s)),
         Err(e) => r.check("vfio_device_status", false, e),
     }
@@ -162,9 +160,9 @@ fn virtio_registers(r: &mut Reporter, dev: &Device, cfg: &[u8], target: &Target)
     })();
     match features {
         Ok(f) => {
-            let v1 = f & userblk::F_VERSION_1 != 0;
+            let v1 = f & virtio::F_VERSION_1 != 0;
             r.check("vfio_device_features", v1, format!("{f:#018x}"));
-            let ap = f & userblk::F_ACCESS_PLATFORM != 0;
+            let ap = f & virtio::F_ACCESS_PLATFORM != 0;
             r.check("vfio_access_platform", ap, ap);
         }
         Err(e) => r.check("vfio_device_features", false, e),
@@ -235,14 +233,9 @@ fn msix(r: &mut Reporter, dev: &Device, cfg: &[u8], irq: &EventFd) -> bool {
 /// Sets memory decoding and bus mastering in the command register (vfio-pci leaves
 /// bus mastering to the user).
 fn enable_bus_master(r: &mut Reporter, dev: &Device) -> Result<(), ()> {
-    let set = dev.region(VFIO_PCI_CONFIG_REGION_INDEX).and_then(|cfg| {
-        let cmd = dev.read_u16(&cfg, PCI_COMMAND)?;
-        dev.write_u16(&cfg, PCI_COMMAND, cmd | COMMAND_MEMORY | COMMAND_MASTER)?;
-        dev.read_u16(&cfg, PCI_COMMAND)
-    });
-    match set {
+    match dev.enable_bus_master() {
         Ok(cmd) => {
-            let ok = cmd & COMMAND_MASTER != 0;
+            let ok = cmd & pci::COMMAND_MASTER != 0;
             r.check("vfio_bus_master", ok, format!("command {cmd:#06x}"));
             if ok {
                 Ok(())
