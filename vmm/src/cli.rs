@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// translated; the guest finds it through the ACPI VIOT table).
     #[arg(long)]
     pub iommu: bool,
+    /// A host PCI function passed through with VFIO (repeatable; it must be bound to
+    /// vfio-pci): path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on][,slot=N][,backend=group|cdev]
+    #[arg(long, value_name = "path=SYSFS[,...]")]
+    pub device: Vec<String>,
     /// Stop with an error if the VM runs longer than this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
@@ -93,6 +97,9 @@ pub struct RunArgs {
     /// KVM device node (for tests).
     #[arg(long, value_name = "PATH", hide = true)]
     pub kvm_device: Option<PathBuf>,
+    /// Root of the sysfs and /dev trees `--device` checks (for tests: DIR/sys, DIR/dev).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub host_root: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -110,6 +117,7 @@ impl RunArgs {
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
             net: (!self.net.is_empty()).then(|| self.net.clone()),
             iommu: self.iommu.then_some(true),
+            device: (!self.device.is_empty()).then(|| self.device.clone()),
         }
     }
 }
@@ -126,6 +134,9 @@ pub fn parse_config_with(args: RunArgs, host: &dyn HostInfo) -> Result<VmConfig,
         builder = builder.apply(load_file(path)?);
     }
     builder = builder.apply(args.layer());
+    if let Some(root) = args.host_root {
+        builder = builder.host_root(root);
+    }
     if let Some(dev) = args.kvm_device {
         builder = builder.kvm_device(dev);
     }

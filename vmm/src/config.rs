@@ -15,6 +15,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::layout::CMDLINE_MAX_SIZE;
+use crate::vfio::host::HostPaths;
 
 /// Where the 16550 serial console's output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +55,10 @@ pub struct VmConfig {
     /// virtio-net devices, in guest order: every declared NIC, SR-IOV VFs included
     /// (the VMM builds a VF through its PF: [`VmConfig::net_vfs`]).
     pub nets: Vec<NetConfig>,
+    /// Host PCI functions passed through with VFIO, in guest order.
+    pub devices: Vec<DeviceConfig>,
+    /// Where the `--device` functions' sysfs and /dev nodes are.
+    pub vfio_host: HostPaths,
     /// A virtio-iommu translating the DMA of the devices with `iommu=on`.
     pub iommu: bool,
 }
@@ -129,6 +134,9 @@ pub enum ConfigError {
     /// A device spec (`--console`, ...) is malformed or conflicts with another.
     #[error("invalid device spec '{spec}': {reason}")]
     BadDevice { spec: String, reason: String },
+    /// A `--device` function cannot be passed through (the message says why and how).
+    #[error(transparent)]
+    Vfio(#[from] crate::vfio::host::HostError),
     /// A device asks for `iommu=on` but there is no virtio-iommu.
     #[error("iommu=on needs a virtio-iommu: add --iommu (or `iommu = true` in the config file)")]
     NoIommu,
@@ -279,6 +287,8 @@ pub struct FileConfig {
     pub net: Option<Vec<String>>,
     /// Create a virtio-iommu (`--iommu`).
     pub iommu: Option<bool>,
+    /// VFIO passthrough specs, same syntax as `--device`.
+    pub device: Option<Vec<String>>,
 }
 
 /// Byte offset to 1-based `line:column`.
@@ -350,6 +360,7 @@ pub fn parse_meminfo(text: &str) -> Option<u64> {
 pub struct ConfigBuilder {
     layer: FileConfig,
     kvm_device: Option<PathBuf>,
+    host_paths: Option<HostPaths>,
 }
 
 impl ConfigBuilder {
@@ -372,12 +383,23 @@ impl ConfigBuilder {
         l.disk = top.disk.or(l.disk.take());
         l.net = top.net.or(l.net.take());
         l.iommu = top.iommu.or(l.iommu);
+        l.device = top.device.or(l.device.take());
         self
     }
 
     /// Sets the KVM device node (default [`DEFAULT_KVM_DEVICE`]).
     pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_device = Some(path.into());
+        self
+    }
+
+    /// Looks for sysfs and /dev under `root` (`root/sys`, `root/dev`) when checking
+    /// `--device` functions (tests use a fake tree).
+    pub fn host_root(mut self, root: impl AsRef<Path>) -> Self {
+        self.host_paths = Some(HostPaths {
+            sys: root.as_ref().join("sys"),
+            dev: root.as_ref().join("dev"),
+        });
         self
     }
 
@@ -474,11 +496,18 @@ impl ConfigBuilder {
             l.net.as_deref().unwrap_or_default(),
             &nets,
         )?;
+        let devices = l
+            .device
+            .iter()
+            .flatten()
+            .map(|spec| parse_device(spec))
+            .collect::<Result<Vec<_>, _>>()?;
         let iommu = l.iommu.unwrap_or(false);
         let behind_iommu = console
             .iter()
             .map(|c| c.iommu)
-            .chain(disks.iter().map(|d| d.iommu));
+            .chain(disks.iter().map(|d| d.iommu))
+            .chain(devices.iter().map(|d| d.iommu));
         if !iommu
             && behind_iommu
                 .chain(nets.iter().map(|n| n.iommu))
@@ -509,6 +538,10 @@ impl ConfigBuilder {
                 });
             }
         }
+        let vfio_host = self.host_paths.unwrap_or_default();
+        for d in &devices {
+            crate::vfio::host::check(&d.path, d.backend, &vfio_host)?;
+        }
         let kvm_device = self.kvm_device.unwrap_or_else(|| DEFAULT_KVM_DEVICE.into());
         if let Err(source) = std::fs::metadata(&kvm_device) {
             return Err(ConfigError::KvmDevice {
@@ -528,6 +561,8 @@ impl ConfigBuilder {
             console,
             disks,
             nets,
+            devices,
+            vfio_host,
             iommu,
         })
     }
@@ -560,6 +595,7 @@ fn check_kernel(path: &Path) -> Result<(), String> {
 }
 
 mod console;
+mod device;
 mod disk;
 mod net;
 mod sriov;
@@ -567,6 +603,7 @@ mod sriov;
 mod tests;
 
 pub use console::{parse_console, ConsoleBackend, ConsoleConfig, MAX_PCI_SLOT};
+pub use device::{parse_device, DeviceConfig, VfioBackendChoice};
 pub use disk::{check_disk_file, parse_disk, DiskConfig};
 pub use net::{parse_net, MacAddr, NetBackendConfig, NetConfig};
 pub use sriov::{MAX_ID_LEN, MAX_VFS_PER_PF};

@@ -14,4 +14,5 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod pci;
+pub mod vfio;
 pub mod vm;

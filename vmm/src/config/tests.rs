@@ -159,6 +159,8 @@ fn toml_and_json_agree() {
                 iommu: false,
             }),
             disks: vec![],
+            devices: vec![],
+            vfio_host: crate::vfio::host::HostPaths::default(),
             iommu: false,
             nets: vec![
                 NetConfig {
