@@ -233,7 +233,7 @@ fn permission_on_the_group_node() {
     let t = Tree::new();
     let f = t.function("0000:06:00.0", Some("vfio-pci"), Some(11));
     let node = t.node("vfio/11");
-    std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0)).unwrap();
+    std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
     assert_eq!(
         check(&f, VfioBackendChoice::Auto, &t.paths()),
         Err(HostError::Permission(node))
