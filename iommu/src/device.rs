@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use ferrio_devices::virtio::features::VIRTIO_F_EVENT_IDX;
 use ferrio_devices::virtio::ring::read_config_bytes;
+use ferrio_devices::virtio::worker_util::ThreadHook;
 use ferrio_devices::virtio::{
     device_type, queue_slots, required_queue, ActivateError, Activation, VirtioDevice,
 };
@@ -92,6 +93,8 @@ pub struct VirtioIommu {
     probe_size: u32,
     acked_features: u64,
     worker: Option<Worker>,
+    /// Runs first in the worker thread.
+    thread_hook: ThreadHook,
 }
 
 impl VirtioIommu {
@@ -113,7 +116,14 @@ impl VirtioIommu {
             probe_size,
             acked_features: 0,
             worker: None,
+            thread_hook: ThreadHook::default(),
         }
+    }
+
+    /// Runs `hook` first thing in the worker thread (see [`ThreadHook`]).
+    pub fn with_thread_hook(mut self, hook: ThreadHook) -> Self {
+        self.thread_hook = hook;
+        self
     }
 
     /// Registers the endpoint `id` (for PCI: `bus << 8 | devfn`) and returns it: the
@@ -126,6 +136,22 @@ impl VirtioIommu {
             .shared
             .lock()
             .add_endpoint(id)
+            .ok_or(Error::DuplicateEndpoint(id))?;
+        Ok(Endpoint::new(core, self.shared.clone()))
+    }
+
+    /// Registers a hardware endpoint `id` (a passed-through function, whose DMA the
+    /// host IOMMU translates): the mappings of the domain it is attached to are kept
+    /// in `mirror` (see [`crate::mirror`]). Its `Endpoint` is only needed for its id.
+    pub fn add_hardware_endpoint(
+        &self,
+        id: u32,
+        mirror: std::sync::Arc<dyn crate::DmaMirror>,
+    ) -> Result<Endpoint, Error> {
+        let core = self
+            .shared
+            .lock()
+            .add_endpoint_with(id, Some(mirror))
             .ok_or(Error::DuplicateEndpoint(id))?;
         Ok(Endpoint::new(core, self.shared.clone()))
     }
@@ -153,6 +179,30 @@ impl VirtioIommu {
     /// Whether a worker is running (between activation and reset).
     pub fn is_active(&self) -> bool {
         self.worker.is_some()
+    }
+
+    /// Serves the queues once on the calling thread, as the worker does when the guest
+    /// kicks them: every available request of `requests`, then the pending faults into
+    /// `events`, with the features acked so far. For the fuzz targets in `fuzz/`, which
+    /// drive the device without its worker (do not activate it as well).
+    #[cfg(feature = "test-utils")]
+    pub fn serve_queues<M: GuestMemory>(
+        &self,
+        requests: &mut virtio_queue::Queue,
+        events: &mut virtio_queue::Queue,
+        mem: &M,
+    ) -> Result<
+        (crate::queue::RequestStats, crate::queue::EventStats),
+        ferrio_devices::virtio::ring::RingError,
+    > {
+        let request_ctx = RequestCtx {
+            map_unmap: self.acked_features & VIRTIO_IOMMU_F_MAP_UNMAP != 0,
+            probe: self.acked_features & VIRTIO_IOMMU_F_PROBE != 0,
+            probe_size: self.probe_size,
+        };
+        let requests = crate::queue::process_requests(requests, mem, &self.shared, &request_ctx)?;
+        let events = crate::queue::post_faults(events, mem, &self.shared.faults)?;
+        Ok((requests, events))
     }
 
     fn offered_features(&self) -> u64 {
@@ -200,14 +250,17 @@ impl VirtioIommu {
             probe: self.acked_features & VIRTIO_IOMMU_F_PROBE != 0,
             probe_size: self.probe_size,
         };
-        let worker = Worker::spawn(WorkerCtx {
-            mem,
-            requests,
-            events,
-            interrupt,
-            shared: self.shared.clone(),
-            request_ctx,
-        })?;
+        let worker = Worker::spawn(
+            &self.thread_hook,
+            WorkerCtx {
+                mem,
+                requests,
+                events,
+                interrupt,
+                shared: self.shared.clone(),
+                request_ctx,
+            },
+        )?;
         tracing::debug!("virtio-iommu: activated (event_idx: {event_idx})");
         self.worker = Some(worker);
         Ok(())
@@ -262,6 +315,10 @@ impl<M: GuestMemory + Send + 'static> VirtioDevice<M> for VirtioIommu {
     fn reset(&mut self) {
         self.stop();
         self.acked_features = 0;
+    }
+
+    fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = hook;
     }
 }
 

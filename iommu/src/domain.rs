@@ -15,7 +15,8 @@ use ferrio_devices::dma::DmaTracker;
 use vm_memory::{GuestAddress, Iotlb, Permissions};
 
 use crate::fault::{Fault, FaultQueue, FaultReason};
-use crate::mapping::{Access, AddressSpace, MapError};
+use crate::mapping::{Access, AddressSpace, MapError, Mapping};
+use crate::mirror::{self, DmaMirror};
 use crate::request::Status;
 
 /// What every [`crate::Endpoint`] and the device share.
@@ -68,6 +69,8 @@ impl Fence {
 struct EndpointSlot {
     core: Arc<EndpointCore>,
     domain: Option<u32>,
+    /// A hardware endpoint's host IOMMU context (see [`crate::mirror`]).
+    mirror: Option<Arc<dyn DmaMirror>>,
 }
 
 struct Domain {
@@ -96,6 +99,16 @@ impl State {
 
     /// Registers endpoint `id`; `None` if it exists already.
     pub fn add_endpoint(&mut self, id: u32) -> Option<Arc<EndpointCore>> {
+        self.add_endpoint_with(id, None)
+    }
+
+    /// Registers endpoint `id` whose mappings are mirrored into `mirror` (if any);
+    /// `None` if it exists already.
+    pub fn add_endpoint_with(
+        &mut self,
+        id: u32,
+        mirror: Option<Arc<dyn DmaMirror>>,
+    ) -> Option<Arc<EndpointCore>> {
         if self.endpoints.contains_key(&id) {
             return None;
         }
@@ -109,6 +122,7 @@ impl State {
             EndpointSlot {
                 core: core.clone(),
                 domain: None,
+                mirror,
             },
         );
         Some(core)
@@ -143,6 +157,18 @@ impl State {
             Some(current) => fence = self.detach(current, endpoint)?,
             None => {}
         }
+        // A hardware endpoint gets the domain's existing mappings in its host IOMMU.
+        if let Some(mirror) = self.endpoints.get(&endpoint).and_then(|s| s.mirror.clone()) {
+            let existing = self
+                .domains
+                .get(&domain)
+                .map(|d| d.space.all())
+                .unwrap_or_default();
+            if let Err(e) = mirror::map_all(&[mirror], &existing) {
+                tracing::warn!(endpoint, domain, "ATTACH: host IOMMU map failed: {e}");
+                return Err(Status::DevErr);
+            }
+        }
         let max_mappings = self.max_mappings;
         self.domains
             .entry(domain)
@@ -167,6 +193,9 @@ impl State {
         if slot.domain != Some(domain) {
             return Err(Status::Inval);
         }
+        if let Some(mirror) = &slot.mirror {
+            mirror::unmap_all(std::slice::from_ref(mirror), &dom.space.all());
+        }
         dom.endpoints.remove(&endpoint);
         if dom.endpoints.is_empty() {
             self.domains.remove(&domain);
@@ -187,10 +216,36 @@ impl State {
         phys_start: u64,
         access: Access,
     ) -> Result<(), Status> {
+        let dom = self.domains.get(&domain).ok_or(Status::NoEnt)?;
+        let mirrors = Self::mirrors(&self.endpoints, &dom.endpoints);
         let dom = self.domains.get_mut(&domain).ok_or(Status::NoEnt)?;
         dom.space
             .map(virt_start, virt_end, phys_start, access)
-            .map_err(status_of)
+            .map_err(status_of)?;
+        let added = Mapping {
+            virt_start,
+            virt_end,
+            phys_start,
+            access,
+        };
+        if let Err(e) = mirror::map_all(&mirrors, &[added]) {
+            tracing::warn!(domain, virt_start, "MAP: host IOMMU map failed: {e}");
+            // Leave nothing behind: the mapping goes again, the guest sees the failure.
+            let _ = dom.space.unmap(virt_start, virt_end);
+            return Err(Status::DevErr);
+        }
+        Ok(())
+    }
+
+    /// The mirrors of the hardware endpoints among `members`.
+    fn mirrors(
+        endpoints: &BTreeMap<u32, EndpointSlot>,
+        members: &BTreeSet<u32>,
+    ) -> Vec<Arc<dyn DmaMirror>> {
+        members
+            .iter()
+            .filter_map(|id| endpoints.get(id)?.mirror.clone())
+            .collect()
     }
 
     /// UNMAP: removes the mappings and invalidates them in the IOTLB of every endpoint
@@ -202,6 +257,7 @@ impl State {
         if removed.is_empty() {
             return Ok(fence);
         }
+        mirror::unmap_all(&Self::mirrors(&self.endpoints, &dom.endpoints), &removed);
         for id in &dom.endpoints {
             let Some(slot) = self.endpoints.get(id) else {
                 continue;
@@ -278,6 +334,10 @@ impl State {
 
     /// Device reset: no domain, no mapping, every endpoint detached.
     pub fn reset(&mut self) -> Fence {
+        for dom in self.domains.values() {
+            let mirrors = Self::mirrors(&self.endpoints, &dom.endpoints);
+            mirror::unmap_all(&mirrors, &dom.space.all());
+        }
         self.domains.clear();
         let mut fence = Fence::default();
         for slot in self.endpoints.values_mut() {
@@ -300,3 +360,7 @@ fn status_of(e: MapError) -> Status {
 #[cfg(test)]
 #[path = "domain_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "mirror_tests.rs"]
+mod mirror_tests;

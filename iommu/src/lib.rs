@@ -25,6 +25,7 @@ mod domain;
 pub mod endpoint;
 pub mod fault;
 pub mod mapping;
+pub mod mirror;
 mod queue;
 pub mod request;
 #[cfg(test)]
@@ -33,3 +34,4 @@ mod worker;
 
 pub use device::{Error, IommuConfig, VirtioIommu};
 pub use endpoint::Endpoint;
+pub use mirror::DmaMirror;

@@ -192,6 +192,11 @@ impl AddressSpace {
         Ok(hit)
     }
 
+    /// Every mapping, by address.
+    pub fn all(&self) -> Vec<Mapping> {
+        self.mappings.values().copied().collect()
+    }
+
     /// The mapping holding `iova`, if any.
     pub fn find(&self, iova: u64) -> Option<&Mapping> {
         self.mappings

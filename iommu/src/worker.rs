@@ -6,7 +6,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use ferrio_devices::virtio::worker_util::{pollin, Wake, WorkerBase, WorkerThread};
+use ferrio_devices::virtio::worker_util::{
+    pollin, ThreadHook, Wake, WorkerBase, WorkerKind, WorkerThread,
+};
 use ferrio_devices::virtio::{ActiveQueue, VirtioInterrupt};
 use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -33,14 +35,19 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Starts the `virtio-iommu` thread; endpoints wake it from now on when they
-    /// record a fault.
-    pub fn spawn<M: GuestMemory + Send + 'static>(ctx: WorkerCtx<M>) -> io::Result<Worker> {
+    /// Starts the `virtio-iommu` thread (`hook` runs first in it); endpoints wake it
+    /// from now on when they record a fault.
+    pub fn spawn<M: GuestMemory + Send + 'static>(
+        hook: &ThreadHook,
+        ctx: WorkerCtx<M>,
+    ) -> io::Result<Worker> {
         let fault_wake = EventFd::new(EFD_NONBLOCK)?;
         let shared = ctx.shared.clone();
         shared.faults.set_waker(Some(fault_wake.try_clone()?));
         let interrupt = ctx.interrupt.clone();
-        let spawned = WorkerThread::spawn("virtio-iommu".into(), interrupt, move |base| {
+        let name = "virtio-iommu".to_owned();
+        let kind = WorkerKind::Iommu;
+        let spawned = WorkerThread::spawn(name, kind, hook, interrupt, move |base| {
             WorkerLoop {
                 ctx,
                 base,

@@ -5,7 +5,9 @@
 //! The crate sees the host only through the traits below, so another VMM can embed it:
 //! interrupts go through [`MsiVectors`] (KVM GSI routes + irqfds in ferrio's VMM), BAR
 //! placement changes are returned as [`BarMapping`] for the VMM to (re)register MMIO
-//! ranges and ioeventfds, and guest memory is any `vm_memory::GuestMemory`.
+//! ranges and ioeventfds, and guest memory is any `vm_memory::GuestMemory`. A
+//! passed-through host function ([`vfio`]) reaches its VFIO device and IOMMU context
+//! through [`vfio::VfioOps`] and [`vfio::DmaMapper`] (vfio-ioctls without KVM).
 
 pub mod bar;
 pub mod capability;
@@ -14,6 +16,7 @@ pub mod host_bridge;
 pub mod msix;
 pub mod root;
 pub mod sriov;
+pub mod vfio;
 pub mod virtio_pci;
 
 pub use bar::BarError;
@@ -63,7 +66,8 @@ pub enum BarKind {
 /// A BAR a device exposes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarInfo {
-    /// BAR register index (0..6; a 64-bit BAR uses `index` and `index + 1`).
+    /// BAR register index (0..6; a 64-bit BAR uses `index` and `index + 1`); 6 is the
+    /// expansion ROM of a passed-through function ([`vfio::ROM_BAR`], read-only).
     pub index: u8,
     pub kind: BarKind,
     /// Size in bytes, a power of two, at least 4 KiB.
@@ -91,6 +95,19 @@ pub struct IoEvent {
     pub fd: EventFd,
 }
 
+/// A part of a BAR backed directly by host memory (a passed-through function's
+/// mmap-ed region): the VMM maps it into the guest (a KVM memory slot at the BAR's
+/// address + `offset`) instead of trapping accesses to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectArea {
+    /// Offset inside the BAR (page aligned).
+    pub offset: u64,
+    /// Size in bytes (page aligned).
+    pub size: u64,
+    /// Where the memory is in the VMM's address space.
+    pub host_addr: u64,
+}
+
 /// A PCI function as the root complex sees it.
 pub trait PciDevice: Send {
     /// Reads configuration space. The root complex guarantees `offset < 4096`, a size
@@ -113,6 +130,12 @@ pub trait PciDevice: Send {
     /// ioeventfds inside the device's BARs (cloned fds; registered by the VMM at the
     /// BAR's current address and moved with it).
     fn ioevents(&self) -> Vec<IoEvent> {
+        Vec::new()
+    }
+    /// Parts of BAR `bar` the VMM maps straight into the guest (see [`DirectArea`]);
+    /// accesses elsewhere in the BAR come through [`PciDevice::read_bar`] /
+    /// [`PciDevice::write_bar`].
+    fn direct_areas(&self, _bar: u8) -> Vec<DirectArea> {
         Vec::new()
     }
     /// What the SR-IOV capability of a Physical Function says now (`None` for every

@@ -20,7 +20,7 @@
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::capability::{CapabilityError, CAP_ID_MSIX};
+use crate::capability::{CapabilityError, CAP_END, CAP_ID_MSIX, CAP_START};
 use crate::config::{ranges_overlap, ConfigSpace};
 use crate::{MsiMessage, MsiVectors};
 
@@ -280,6 +280,40 @@ impl Msix {
         config: MsixConfig,
         vectors: Arc<dyn MsiVectors>,
     ) -> Result<Self, MsixError> {
+        Self::validate(cfg, &config, vectors.as_ref())?;
+        let cap = cfg.add_capability(CAP_ID_MSIX, &Self::body(&config), &Self::ctrl_wmask())?;
+        Ok(Self::build(cap, config, vectors))
+    }
+
+    /// Emulates an MSI-X capability that already sits at `cap` in `cfg` (a
+    /// passed-through function's, whose capability list stays as the device has it):
+    /// rewrites its message control, table and PBA registers from `config` and makes
+    /// the enable and function mask bits guest-writable; the ID and next pointer stay.
+    /// Same checks as [`Self::new`]; `cap` must leave room for the 12-byte capability.
+    pub fn with_capability_at(
+        cfg: &mut ConfigSpace,
+        cap: u8,
+        config: MsixConfig,
+        vectors: Arc<dyn MsiVectors>,
+    ) -> Result<Self, MsixError> {
+        Self::validate(cfg, &config, vectors.as_ref())?;
+        let start = u16::from(cap);
+        if start < CAP_START || start + 12 > CAP_END {
+            return Err(MsixError::Capability(CapabilityError::NoSpace {
+                id: CAP_ID_MSIX.into(),
+                len: 12,
+            }));
+        }
+        cfg.set_bytes(start + 2, &Self::body(&config));
+        cfg.set_write_mask(start + 2, &Self::ctrl_wmask());
+        Ok(Self::build(cap, config, vectors))
+    }
+
+    fn validate(
+        cfg: &ConfigSpace,
+        config: &MsixConfig,
+        vectors: &dyn MsiVectors,
+    ) -> Result<(), MsixError> {
         let n = config.vectors;
         if n == 0 || n > MAX_VECTORS {
             return Err(MsixError::InvalidVectorCount(n));
@@ -311,13 +345,26 @@ impl Msix {
         if t.0 == p.0 && u64::from(t.1) < p_end && u64::from(p.1) < t_end {
             return Err(MsixError::Overlap);
         }
+        Ok(())
+    }
+
+    /// The capability body after the 2-byte header: message control (table size),
+    /// table and PBA offset/BIR.
+    fn body(config: &MsixConfig) -> [u8; 10] {
         let mut body = [0u8; 10];
-        body[0..2].copy_from_slice(&(n - 1).to_le_bytes());
+        body[0..2].copy_from_slice(&(config.vectors - 1).to_le_bytes());
         body[2..6]
             .copy_from_slice(&(config.table_offset | u32::from(config.table_bar)).to_le_bytes());
         body[6..10].copy_from_slice(&(config.pba_offset | u32::from(config.pba_bar)).to_le_bytes());
-        let wmask = (CTRL_ENABLE | CTRL_FUNCTION_MASK).to_le_bytes();
-        let cap = cfg.add_capability(CAP_ID_MSIX, &body, &wmask)?;
+        body
+    }
+
+    fn ctrl_wmask() -> [u8; 2] {
+        (CTRL_ENABLE | CTRL_FUNCTION_MASK).to_le_bytes()
+    }
+
+    fn build(cap: u8, config: MsixConfig, vectors: Arc<dyn MsiVectors>) -> Self {
+        let n = config.vectors;
         let words = usize::from(n).div_ceil(64);
         let state = MsixState {
             vectors,
@@ -327,11 +374,11 @@ impl Msix {
             pending: (0..words).map(|_| AtomicU64::new(0)).collect(),
             table: Mutex::new(vec![RESET_ENTRY; usize::from(n)]),
         };
-        Ok(Msix {
+        Msix {
             state: Arc::new(state),
             config,
             cap,
-        })
+        }
     }
 
     /// The placement and size given at creation.

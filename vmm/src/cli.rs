@@ -91,6 +91,11 @@ pub struct RunArgs {
     /// Stop with an error if the VM runs longer than this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// seccomp filters on every thread: on (a forbidden system call stops the VMM with
+    /// exit code 159 and a message naming it), log (the kernel logs it, nothing is
+    /// refused) or off [default: on].
+    #[arg(long, value_name = "on|log|off")]
+    pub seccomp: Option<String>,
     /// TOML or JSON config file (same keys as these flags; flags win).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -118,6 +123,7 @@ impl RunArgs {
             net: (!self.net.is_empty()).then(|| self.net.clone()),
             iommu: self.iommu.then_some(true),
             device: (!self.device.is_empty()).then(|| self.device.clone()),
+            seccomp: self.seccomp.clone(),
         }
     }
 }
@@ -146,7 +152,7 @@ pub fn parse_config_with(args: RunArgs, host: &dyn HostInfo) -> Result<VmConfig,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{SerialConfig, DEFAULT_CMDLINE};
+    use crate::config::{SeccompMode, SerialConfig, DEFAULT_CMDLINE};
     use clap::error::ErrorKind;
     use std::time::Duration;
 
@@ -314,6 +320,31 @@ mod tests {
         let help = Cli::try_parse_from(["ferrio", "run", "--help"]).expect_err("help");
         assert!(help.to_string().contains("--kernel"));
         assert!(!help.to_string().contains("--kvm-device"));
+    }
+
+    #[test]
+    fn seccomp_mode_from_flag_and_file() {
+        let dir = kernel_dir();
+        let kernel = path_str(&dir, "vmlinux");
+        let base = ["--kernel", kernel.as_str(), "--kvm-device", "/"];
+        let cfg = parse_config_with(run_args(&base), &Host).expect("valid");
+        assert_eq!(cfg.seccomp, SeccompMode::On, "filters are on by default");
+        let file = dir.path().join("vm.toml");
+        std::fs::write(&file, "seccomp = \"off\"\n").expect("write");
+        let file = file.display().to_string();
+        let with_file = [&base[..], &["--config", &file]].concat();
+        let cfg = parse_config_with(run_args(&with_file), &Host).expect("valid");
+        assert_eq!(cfg.seccomp, SeccompMode::Off);
+        let flag = [&with_file[..], &["--seccomp", "log"]].concat();
+        let cfg = parse_config_with(run_args(&flag), &Host).expect("valid");
+        assert_eq!(cfg.seccomp, SeccompMode::Log, "the flag wins");
+        let bad = [&base[..], &["--seccomp", "strict"]].concat();
+        let err = parse_config_with(run_args(&bad), &Host).expect_err("bad mode");
+        assert!(matches!(err, ConfigError::BadSeccomp(_)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "invalid seccomp mode 'strict' (expected on, log or off)"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::layout::CMDLINE_MAX_SIZE;
+pub use crate::seccomp::SeccompMode;
 use crate::vfio::host::HostPaths;
 
 /// Where the 16550 serial console's output goes.
@@ -61,6 +62,8 @@ pub struct VmConfig {
     pub vfio_host: HostPaths,
     /// A virtio-iommu translating the DMA of the devices with `iommu=on`.
     pub iommu: bool,
+    /// What the threads' seccomp filters do with a system call outside their list.
+    pub seccomp: SeccompMode,
 }
 
 /// Smallest guest RAM accepted.
@@ -149,6 +152,9 @@ pub enum ConfigError {
     /// The kernel command line contains a NUL byte.
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
+    /// The seccomp mode is not `on`, `log` or `off`.
+    #[error("invalid seccomp mode '{0}' (expected on, log or off)")]
+    BadSeccomp(String),
 }
 
 /// Formats a byte count for messages: `N GiB` when exact, else `N.N GiB` (any unit
@@ -289,6 +295,8 @@ pub struct FileConfig {
     pub iommu: Option<bool>,
     /// VFIO passthrough specs, same syntax as `--device`.
     pub device: Option<Vec<String>>,
+    /// seccomp mode, same values as `--seccomp`.
+    pub seccomp: Option<String>,
 }
 
 /// Byte offset to 1-based `line:column`.
@@ -384,6 +392,7 @@ impl ConfigBuilder {
         l.net = top.net.or(l.net.take());
         l.iommu = top.iommu.or(l.iommu);
         l.device = top.device.or(l.device.take());
+        l.seccomp = top.seccomp.or(l.seccomp.take());
         self
     }
 
@@ -445,6 +454,10 @@ impl ConfigBuilder {
         if cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
+        let seccomp = match l.seccomp.as_deref() {
+            None => SeccompMode::default(),
+            Some(s) => s.parse().map_err(|_| ConfigError::BadSeccomp(s.into()))?,
+        };
         let timeout = match l.timeout {
             Some(0) => return Err(ConfigError::ZeroTimeout),
             t => t.map(Duration::from_secs),
@@ -564,6 +577,7 @@ impl ConfigBuilder {
             devices,
             vfio_host,
             iommu,
+            seccomp,
         })
     }
 }

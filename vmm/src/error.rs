@@ -70,4 +70,6 @@ pub enum Error {
     Bus(#[from] ferrio_devices::BusError),
     #[error("I/O event loop: {0}")]
     EventManager(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }

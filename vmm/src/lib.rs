@@ -14,5 +14,6 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod pci;
+pub mod seccomp;
 pub mod vfio;
 pub mod vm;

@@ -39,6 +39,7 @@ fn run(args: cli::RunArgs) -> Result<u8, ferrio_vmm::error::Error> {
         source,
     })?;
     let terminal = TerminalGuard::new();
+    vm.confine_main_thread()?;
     let reason = vm.wait();
     drop(terminal);
     if let Some(msg) = reason.message() {

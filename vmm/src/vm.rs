@@ -1,7 +1,10 @@
 //! Builds a VM from a [`VmConfig`] and runs it to completion: KVM set-up, guest memory,
 //! ACPI and boot structures, legacy devices, vCPU threads and the I/O thread, then waits
-//! for the first stop reason.
+//! for the first stop reason. Every thread runs under its seccomp filter
+//! ([`crate::seccomp`]): each installs it on itself, the main thread once the VM runs
+//! ([`Vm::confine_main_thread`]).
 
+use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use ferrio_devices::legacy::{AcpiPmDevice, I8042Device};
+use ferrio_devices::virtio::block::IoEngine;
+use ferrio_devices::virtio::worker_util::{ThreadHook, WorkerKind};
 use ferrio_devices::{Bus, GuestEvent, GuestEventSink, InterruptLine, SharedDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -30,6 +35,7 @@ use crate::interrupts::GsiRouting;
 use crate::layout::{self, pio};
 use crate::pci::placement::Placement;
 use crate::pci::{self, PciBuilder};
+use crate::seccomp::{Seccomp, ThreadKind, VmProfile};
 use crate::{memory, mptable};
 
 /// How long a guest that announced a panic may keep running to finish its report
@@ -70,6 +76,7 @@ pub struct Vm {
     timeout: Option<Duration>,
     started: Instant,
     soft_ints: Arc<AtomicU64>,
+    seccomp: Arc<Seccomp>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -84,6 +91,8 @@ impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn start(config: &VmConfig) -> Result<Self, Error> {
         let started = Instant::now();
+        // Compiled (and the SIGSYS handler installed) before any thread starts.
+        let seccomp = Arc::new(Seccomp::new(config.seccomp, &vm_profile(config))?);
         let kvm = open_kvm(config)?;
         let pvm = pvm::host_is_pvm();
         if pvm {
@@ -111,7 +120,7 @@ impl Vm {
         let ram_end = memory::ram_end(config.memory_bytes);
         let pci_segments = layout::pci_segments(1, ram_end);
         let mut pci = PciBuilder::new(routing.clone(), &pci_segments)?;
-        let viot = add_pci_devices(config, &mut pci, &mem)?;
+        let viot = add_pci_devices(config, &mut pci, &mem, seccomp.thread_hook(), &vm)?;
         let rsdp = create_acpi_tables(
             &mem,
             &AcpiConfig {
@@ -175,9 +184,15 @@ impl Vm {
         )));
         pio_bus.insert(acpi_pm, pio::ACPI_SLEEP_CONTROL, pio::ACPI_REGS_LEN)?;
 
-        pci.attach(vm.clone(), &mmio_bus, &pio_bus)?;
+        pci.attach(vm.clone(), &mmio_bus, &pio_bus, mem.num_regions() as u32)?;
 
-        let io_thread = spawn_io_thread(&serial, drained, &config.serial, stop.clone())?;
+        let io_thread = spawn_io_thread(
+            &serial,
+            drained,
+            &config.serial,
+            stop.clone(),
+            seccomp.clone(),
+        )?;
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -190,6 +205,7 @@ impl Vm {
             mem: mem.clone(),
             stop: stop.clone(),
             pvm,
+            seccomp: seccomp.clone(),
         };
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
@@ -232,7 +248,14 @@ impl Vm {
             timeout: config.timeout,
             started,
             soft_ints,
+            seccomp,
         })
+    }
+
+    /// Installs the main thread's seccomp filter: call it once the main thread has
+    /// done its own set-up (signal handlers, terminal mode), before [`Vm::wait`].
+    pub fn confine_main_thread(&self) -> Result<(), Error> {
+        Ok(self.seccomp.install(ThreadKind::Main)?)
     }
 
     /// The stop signal (for SIGINT/SIGTERM handling).
@@ -335,15 +358,10 @@ fn add_pci_devices(
     config: &VmConfig,
     pci: &mut PciBuilder,
     mem: &GuestMemoryMmap,
+    hook: ThreadHook,
+    vm: &Arc<VmFd>,
 ) -> Result<Option<ViotConfig>, Error> {
-    if let Some(d) = config.devices.first() {
-        // The host checks passed (config validation); the function model is next.
-        return Err(Error::Pci(format!(
-            "--device {}: VFIO passthrough is not wired into the VM yet in this build",
-            d.path.display()
-        )));
-    }
-    let mut place = Placement::new(pci, mem.clone(), config.iommu);
+    let mut place = Placement::new(pci, mem.clone(), config.iommu).with_thread_hook(hook);
     if let Some(c) = &config.console {
         let address = place.add(pci::console::create(&c.backend)?, c.slot, c.iommu)?;
         tracing::info!(%address, iommu = c.iommu, "virtio-console");
@@ -384,7 +402,51 @@ fn add_pci_devices(
             tracing::info!(vf = %at, mac = %v.mac, iommu = v.iommu, "virtio-net VF");
         }
     }
+    let kvm_vfio = crate::vfio::attach::KvmVfio::new(vm.clone());
+    for d in &config.devices {
+        let host = crate::vfio::host::check(&d.path, d.backend, &config.vfio_host)
+            .map_err(crate::config::ConfigError::from)?;
+        let routing = place.routing().clone();
+        let opened = crate::vfio::attach::open(&host, &routing, &kvm_vfio)?;
+        let mirror: Option<Arc<dyn ferrio_iommu::DmaMirror>> = if d.iommu {
+            Some(Arc::new(crate::vfio::attach::VfioMirror {
+                dma: opened.dma.clone(),
+                mem: mem.clone(),
+            }))
+        } else {
+            crate::vfio::attach::map_guest_ram(&opened.dma, mem, &host.bdf)?;
+            None
+        };
+        let address = place.add_passthrough(opened.device, d.slot, mirror)?;
+        tracing::info!(%address, bdf = %host.bdf, iommu = d.iommu, "VFIO passthrough");
+    }
     place.finish()
+}
+
+/// What the threads of `config`'s VM do beyond the basics (the worker kinds its
+/// devices start, passthrough), which their seccomp filters must allow: keep in step
+/// with [`add_pci_devices`].
+fn vm_profile(config: &VmConfig) -> VmProfile {
+    let mut kinds = BTreeSet::new();
+    if config.console.is_some() {
+        kinds.insert(WorkerKind::Console);
+    }
+    for d in &config.disks {
+        kinds.insert(match d.io_engine {
+            IoEngine::Sync => WorkerKind::Blk,
+            IoEngine::Uring => WorkerKind::BlkUring,
+        });
+    }
+    if !config.nets.is_empty() {
+        kinds.insert(WorkerKind::Net);
+    }
+    if config.iommu {
+        kinds.insert(WorkerKind::Iommu);
+    }
+    VmProfile {
+        workers: kinds,
+        passthrough: !config.devices.is_empty(),
+    }
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
@@ -409,6 +471,7 @@ fn spawn_io_thread(
     drained: EventFd,
     serial_cfg: &SerialConfig,
     stop: Arc<StopSignal>,
+    seccomp: Arc<Seccomp>,
 ) -> Result<JoinHandle<()>, Error> {
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| Error::EventManager(format!("{e:?}")))?;
@@ -420,6 +483,10 @@ fn spawn_io_thread(
     std::thread::Builder::new()
         .name("io".into())
         .spawn(move || {
+            if let Err(e) = seccomp.install(ThreadKind::Io) {
+                stop.stop(StopReason::IoThread(e.to_string()));
+                return;
+            }
             while !stop.is_stopping() {
                 if let Err(e) = manager.run_with_timeout(1000) {
                     stop.stop(StopReason::IoThread(format!("event loop failed: {e:?}")));

@@ -138,7 +138,7 @@ fn hundred_vf_enable_disable_cycles_leak_nothing() {
     assert_eq!(vf_addresses.len(), usize::from(VFS));
     let mmio = Arc::new(Bus::new());
     let pio = Bus::new();
-    pci.attach(vm.clone(), &mmio, &pio).unwrap();
+    pci.attach(vm.clone(), &mmio, &pio, 8).unwrap();
     let m = Machine {
         mmio,
         ecam: segments[0].ecam().start,

@@ -49,7 +49,7 @@ pub use self::uring::UringError;
 use self::uring::UringRing;
 use self::worker::{EngineSetup, Worker, WorkerCtx};
 use super::features::{VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC};
-use super::worker_util::stop_all;
+use super::worker_util::{stop_all, ThreadHook};
 use super::{device_type, queue_slots, ActivateError, Activation, VirtioDevice};
 
 /// Most queues a device may have (one worker thread each).
@@ -137,6 +137,8 @@ pub struct VirtioBlock {
     queue_sizes: Vec<u16>,
     acked_features: u64,
     state: State,
+    /// Runs first in every worker thread.
+    thread_hook: ThreadHook,
 }
 
 impl VirtioBlock {
@@ -203,7 +205,14 @@ impl VirtioBlock {
             config,
             acked_features: 0,
             state: State::Inactive,
+            thread_hook: ThreadHook::default(),
         })
+    }
+
+    /// Runs `hook` first thing in every worker thread (see [`ThreadHook`]).
+    pub fn with_thread_hook(mut self, hook: ThreadHook) -> Self {
+        self.thread_hook = hook;
+        self
     }
 
     /// Disk size in 512-byte sectors.
@@ -355,7 +364,7 @@ impl VirtioBlock {
                 engine,
                 dma: dma.clone(),
             };
-            match worker::spawn(ctx) {
+            match worker::spawn(&self.thread_hook, ctx) {
                 Ok(worker) => workers.push(worker),
                 Err(e) => {
                     stop_all(workers);
@@ -425,6 +434,10 @@ impl<M: GuestMemory + Clone + Send + 'static> VirtioDevice<M> for VirtioBlock {
     fn reset(&mut self) {
         self.stop();
         self.acked_features = 0;
+    }
+
+    fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = hook;
     }
 }
 

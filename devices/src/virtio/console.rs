@@ -30,6 +30,7 @@ use vm_memory::GuestMemory;
 
 use self::worker::{HostInput, Worker, WorkerCtx};
 use super::features::VIRTIO_F_EVENT_IDX;
+use super::worker_util::ThreadHook;
 use super::{
     device_type, queue_slots, required_queue, ActivateError, Activation, VirtioDevice,
     VirtioInterrupt,
@@ -136,6 +137,8 @@ pub struct VirtioConsole {
     size: Option<(u16, u16)>,
     acked_features: u64,
     state: State,
+    /// Runs first in the worker thread.
+    thread_hook: ThreadHook,
 }
 
 impl VirtioConsole {
@@ -151,7 +154,14 @@ impl VirtioConsole {
                 source: input,
                 pending: Default::default(),
             }),
+            thread_hook: ThreadHook::default(),
         }
+    }
+
+    /// Runs `hook` first thing in the worker thread (see [`ThreadHook`]).
+    pub fn with_thread_hook(mut self, hook: ThreadHook) -> Self {
+        self.thread_hook = hook;
+        self
     }
 
     /// Offers VIRTIO_CONSOLE_F_SIZE with an initial terminal size.
@@ -229,7 +239,7 @@ impl VirtioConsole {
         let mut slots = queue_slots("virtio-console", queues, QUEUE_MAX_SIZES.len(), event_idx)?;
         let rx = required_queue(&mut slots, RX_QUEUE)?;
         let tx = required_queue(&mut slots, TX_QUEUE)?;
-        let worker = worker::spawn(WorkerCtx {
+        let ctx = WorkerCtx {
             mem,
             rx,
             tx,
@@ -237,7 +247,8 @@ impl VirtioConsole {
             sink: self.sink.clone(),
             input: std::mem::take(input),
             dma,
-        })?;
+        };
+        let worker = worker::spawn(&self.thread_hook, ctx)?;
         tracing::debug!("virtio-console: activated (event_idx: {event_idx})");
         self.state = State::Active { worker, interrupt };
         Ok(())
@@ -306,6 +317,10 @@ impl<M: GuestMemory + Send + 'static> VirtioDevice<M> for VirtioConsole {
     fn reset(&mut self) {
         self.stop();
         self.acked_features = 0;
+    }
+
+    fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = hook;
     }
 }
 

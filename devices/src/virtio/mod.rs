@@ -23,6 +23,7 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaTracker;
+use worker_util::ThreadHook;
 
 /// Feature bits of the transport/ring layer (virtio 1.2, section 6).
 pub mod features {
@@ -158,6 +159,12 @@ pub trait VirtioDevice<M>: Send {
     /// Stops the device: when it returns, no worker touches guest memory or the queues
     /// any more, and the device can be activated again.
     fn reset(&mut self);
+    /// Sets the hook to run first in every worker thread the device starts from now on
+    /// ([`ThreadHook`]: the embedder's seccomp filter, say). A device that starts
+    /// threads must run it there; the default is for devices that start none.
+    fn set_thread_hook(&mut self, hook: ThreadHook) {
+        let _ = hook;
+    }
 }
 
 #[cfg(test)]

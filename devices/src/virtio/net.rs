@@ -32,6 +32,21 @@ mod worker;
 #[cfg(test)]
 mod tests;
 
+/// The queue logic apart from any thread (transmitq, receiveq, control queue, and what
+/// the acked features mean for them), for other crates' tests and the fuzz targets in
+/// `fuzz/` (the `test-utils` feature). Re-exports only.
+#[cfg(feature = "test-utils")]
+pub mod testing {
+    pub use super::ctrl::{process_ctrl, CtrlCtx, CtrlResult};
+    pub use super::features::{offered, Negotiated};
+    pub use super::header::{
+        validate_tx, HeaderError, TxOffloads, VnetHeader, MAX_GSO_FRAME, MAX_PLAIN_FRAME, TX_FLAGS,
+    };
+    pub use super::pairs::Pairs;
+    pub use super::rx::{process_rx, RxFill, RxParams, RxResult, RxState};
+    pub use super::tx::{process_tx, TxResult};
+}
+
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
@@ -45,7 +60,7 @@ use self::pairs::{AttachState, Pairs};
 use self::rx::RxParams;
 pub use self::stats::{NetCounters, NetStats};
 use self::worker::{CtrlQueue, Worker, WorkerCtx};
-use super::worker_util::stop_all;
+use super::worker_util::{stop_all, ThreadHook};
 use super::{
     device_type, queue_slots, required_queue, ActivateError, Activation, ActiveQueue, VirtioDevice,
 };
@@ -78,6 +93,8 @@ pub struct VirtioNet {
     stats: NetStats,
     attached: AttachState,
     workers: Vec<Worker>,
+    /// Runs first in every worker thread.
+    thread_hook: ThreadHook,
 }
 
 impl VirtioNet {
@@ -107,7 +124,14 @@ impl VirtioNet {
             stats: NetStats::default(),
             attached,
             workers: Vec::new(),
+            thread_hook: ThreadHook::default(),
         }
+    }
+
+    /// Runs `hook` first thing in every worker thread (see [`ThreadHook`]).
+    pub fn with_thread_hook(mut self, hook: ThreadHook) -> Self {
+        self.thread_hook = hook;
+        self
     }
 
     /// Counters (frames, bytes, drops by reason), shared with the workers.
@@ -227,7 +251,7 @@ impl VirtioNet {
                 interrupt: interrupt.clone(),
                 dma: dma.clone(),
             };
-            match worker::spawn(ctx) {
+            match worker::spawn(&self.thread_hook, ctx) {
                 Ok(w) => self.workers.push(w),
                 Err(e) => {
                     self.stop();
@@ -349,6 +373,10 @@ impl<M: GuestMemory + Clone + Send + 'static> VirtioDevice<M> for VirtioNet {
         self.stop();
         self.acked = 0;
         self.set_offloads(0);
+    }
+
+    fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = hook;
     }
 }
 

@@ -92,6 +92,11 @@ pub enum Step {
 /// [`Step::Empty`] the batch goes on if the driver published buffers meanwhile, so no
 /// kick is lost. After `budget` [`Step::Next`]s the batch ends as after [`Step::Pause`];
 /// `true` then says so (chains may be left).
+///
+/// A driver only moves its avail index forward, so a pass started because the index
+/// moved finds at least one chain. One that finds the ring empty right away means the
+/// index moves with the device's own writes (rings that overlap, or alias through an
+/// IOMMU): a malformed ring, reported as such, since serving on would never end.
 pub fn serve_batch<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
@@ -99,10 +104,12 @@ pub fn serve_batch<M: GuestMemory>(
     mut step: impl FnMut(&mut Queue) -> Result<Step, RingError>,
 ) -> Result<bool, RingError> {
     let mut served = 0;
+    let mut again = false;
     loop {
         queue
             .disable_notification(mem)
             .map_err(RingError::Notification)?;
+        let pass_start = served;
         let last = loop {
             match step(queue)? {
                 Step::Next => {
@@ -115,12 +122,18 @@ pub fn serve_batch<M: GuestMemory>(
                 last => break last,
             }
         };
+        if again && last == Step::Empty && served == pass_start {
+            return Err(RingError::AvailRing(
+                virtio_queue::Error::InvalidAvailRingIndex,
+            ));
+        }
         let more = queue
             .enable_notification(mem)
             .map_err(RingError::Notification)?;
         if !more || last == Step::Done {
             return Ok(false);
         }
+        again = true;
     }
 }
 
@@ -250,6 +263,33 @@ mod tests {
         assert_eq!((q.next_avail(), d.used_flags()), (2, NO_NOTIFY));
         assert!(!serve_batch(&mut q, &mem, 2, &mut pop).unwrap());
         assert_eq!((q.next_avail(), d.used_flags()), (3, 0));
+    }
+
+    /// Found by fuzzing (`fuzz/`, virtio_blk and virtio_iommu): with the used ring 2
+    /// bytes after the avail ring, the used flags are the avail index, so disabling
+    /// notifications publishes a chain and enabling them takes it back. The batch spun
+    /// forever (a worker that never looks at its stop signal); it is a ring error now.
+    #[test]
+    fn a_ring_whose_index_moves_with_the_device_writes_is_an_error() {
+        let mem = memory();
+        let mut q = Queue::new(8).unwrap();
+        q.try_set_desc_table_address(GuestAddress(0)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(0x1002)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(0x1004)).unwrap();
+        q.set_ready(true);
+        assert!(q.is_valid(&mem));
+        let mut calls = 0;
+        let result = serve_batch(&mut q, &mem, usize::MAX, |q| {
+            calls += 1;
+            assert!(calls < 1000, "the batch does not end");
+            let Some(chain) = pop_chain(q, &mem)? else {
+                return Ok(Step::Empty);
+            };
+            add_used(q, &mem, chain.head_index(), 0)?;
+            Ok(Step::Next)
+        });
+        assert!(matches!(result, Err(RingError::AvailRing(_))), "{result:?}");
+        assert_eq!(calls, 3, "one chain, the empty ring, the empty ring again");
     }
 
     #[test]

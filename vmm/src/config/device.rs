@@ -46,7 +46,7 @@ pub fn parse_device(spec: &str) -> Result<DeviceConfig, ConfigError> {
             return Err(bad(spec, format!("expected key=value, got `{opt}`")));
         };
         match key {
-            "path" if !v.is_empty() => d.path = v.into(),
+            "path" => d.path = v.into(),
             "iommu" => d.iommu = on_off(spec, key, v)?,
             "slot" => d.slot = Some(parse_slot(spec, v)?),
             "backend" => {

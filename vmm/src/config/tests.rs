@@ -162,6 +162,7 @@ fn toml_and_json_agree() {
             devices: vec![],
             vfio_host: crate::vfio::host::HostPaths::default(),
             iommu: false,
+            seccomp: SeccompMode::On,
             nets: vec![
                 NetConfig {
                     backend: NetBackendConfig::Tap("tap0".into()),

@@ -12,6 +12,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::pvm;
 use crate::exit::{StopReason, StopSignal};
+use crate::seccomp::{Seccomp, ThreadKind};
 
 /// What every vCPU thread shares.
 #[derive(Clone)]
@@ -23,6 +24,8 @@ pub struct VcpuContext {
     pub pvm: bool,
     /// Software interrupts completed for the PVM emulator, all vCPUs together.
     pub soft_ints: Arc<AtomicU64>,
+    /// The filters; each vCPU thread installs its own before its first KVM_RUN.
+    pub seccomp: Arc<Seccomp>,
 }
 
 /// Port 0x80 (POST code / I/O delay): written constantly by Linux, meaningless here.
@@ -33,6 +36,11 @@ pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Join
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            if let Err(e) = ctx.seccomp.install(ThreadKind::Vcpu) {
+                let message = e.to_string();
+                ctx.stop.stop(StopReason::VcpuError { cpu: id, message });
+                return;
+            }
             if let Err(message) = run_loop(id, &mut vcpu, &ctx) {
                 ctx.stop.stop(StopReason::VcpuError { cpu: id, message });
             }

@@ -135,6 +135,21 @@ impl PciBuilder {
         Ok(Arc::new(Mutex::new(dev)))
     }
 
+    /// Adds any PCI function (a passed-through one) on segment 0 at `slot` (or the
+    /// first free one), with its BARs placed.
+    pub fn add_function(
+        &mut self,
+        dev: SharedPciDevice,
+        slot: Option<u8>,
+    ) -> Result<PciAddress, Error> {
+        self.segments[0].add(dev, slot)
+    }
+
+    /// The GSI routing table the functions' MSI vectors live in.
+    pub fn routing(&self) -> &Arc<GsiRouting> {
+        &self.routing
+    }
+
     /// The address [`Self::add_virtio`] will give a device for `slot` (segment 0).
     pub fn next_address(&self, slot: Option<u8>) -> Result<PciAddress, Error> {
         self.segments[0].root.next_address(slot).map_err(pci_err)
@@ -150,7 +165,15 @@ impl PciBuilder {
 
     /// Connects config space to the buses. BARs get mapped when the guest enables
     /// memory decoding (as it does in `pci_enable_device`).
-    pub fn attach(self, vm: Arc<VmFd>, mmio: &Arc<Bus>, pio_bus: &Bus) -> Result<(), Error> {
+    /// KVM memory slots from `first_free_slot` on hold passed-through BAR areas.
+    pub fn attach(
+        self,
+        vm: Arc<VmFd>,
+        mmio: &Arc<Bus>,
+        pio_bus: &Bus,
+        first_free_slot: u32,
+    ) -> Result<(), Error> {
+        let slots = Arc::new(Mutex::new(bars::SlotAllocator::new(first_free_slot)));
         for s in self.segments {
             let ecam = s.layout.ecam();
             let segment = Arc::new(PciSegment {
@@ -161,6 +184,7 @@ impl PciBuilder {
                 mapper: BarMapper {
                     mmio: mmio.clone(),
                     vm: vm.clone(),
+                    slots: slots.clone(),
                 },
             });
             segment.map_decoded_bars();
@@ -225,13 +249,8 @@ impl SegmentBuilder {
     fn add(&mut self, dev: SharedPciDevice, slot: Option<u8>) -> Result<PciAddress, Error> {
         let ioevents = self.place(&dev)?;
         let address = self.root.add_device(slot, dev.clone()).map_err(pci_err)?;
-        self.functions.insert(
-            address,
-            PciFunction {
-                device: dev,
-                ioevents,
-            },
-        );
+        self.functions
+            .insert(address, PciFunction::new(dev, ioevents));
         Ok(address)
     }
 
@@ -247,13 +266,8 @@ impl SegmentBuilder {
             .root
             .add_sriov_pf(slot, dev.clone(), vfs)
             .map_err(pci_err)?;
-        self.functions.insert(
-            address,
-            PciFunction {
-                device: dev,
-                ioevents,
-            },
-        );
+        self.functions
+            .insert(address, PciFunction::new(dev, ioevents));
         Ok(address)
     }
 }
@@ -313,7 +327,7 @@ impl PciSegment {
                 },
                 ConfigChange::VfAdded(address, device) => {
                     let ioevents = device.lock().unwrap_or_else(|e| e.into_inner()).ioevents();
-                    functions.insert(address, PciFunction { device, ioevents });
+                    functions.insert(address, PciFunction::new(device, ioevents));
                 }
                 ConfigChange::VfRemoved(address, device) => {
                     device.lock().unwrap_or_else(|e| e.into_inner()).quiesce();

@@ -8,8 +8,12 @@
 //!
 //! An SR-IOV PF's VFs are endpoints of their own (id = the VF's BDF), registered at
 //! boot for every VF the PF can have, so the VIOT covers them before they exist.
+//!
+//! Every device placed (VFs and the virtio-iommu included) gets the placement's
+//! [`ThreadHook`], which installs the seccomp filter of each worker thread it starts.
 
 use ferrio_devices::dma::DmaTracker;
+use ferrio_devices::virtio::worker_util::ThreadHook;
 use ferrio_devices::virtio::VirtioDevice;
 use ferrio_iommu::{Endpoint, IommuConfig, VirtioIommu};
 use ferrio_pci::root::PciAddress;
@@ -35,6 +39,7 @@ pub struct Placement<'a> {
     pci: &'a mut PciBuilder,
     mem: GuestMemoryMmap,
     iommu: Option<IommuSetup>,
+    hook: ThreadHook,
 }
 
 impl<'a> Placement<'a> {
@@ -44,20 +49,36 @@ impl<'a> Placement<'a> {
             device: VirtioIommu::new(IommuConfig::default()),
             endpoints: Vec::new(),
         });
-        Self { pci, mem, iommu }
+        Self {
+            pci,
+            mem,
+            iommu,
+            hook: ThreadHook::default(),
+        }
+    }
+
+    /// Gives every device placed from now on (and the virtio-iommu) `hook`, run first
+    /// in each of their worker threads.
+    pub fn with_thread_hook(mut self, hook: ThreadHook) -> Self {
+        if let Some(iommu) = &mut self.iommu {
+            VirtioDevice::<GuestMemoryMmap>::set_thread_hook(&mut iommu.device, hook.clone());
+        }
+        self.hook = hook;
+        self
     }
 
     /// Adds `device` at `slot` (or the first free one), behind the IOMMU if
     /// `behind_iommu`.
     pub fn add<D>(
         &mut self,
-        device: D,
+        mut device: D,
         slot: Option<u8>,
         behind_iommu: bool,
     ) -> Result<PciAddress, Error>
     where
         D: VirtioDevice<GuestMemoryMmap> + VirtioDevice<TranslatedMemory> + 'static,
     {
+        VirtioDevice::<GuestMemoryMmap>::set_thread_hook(&mut device, self.hook.clone());
         if !behind_iommu {
             return self.pci.add_virtio::<GuestMemoryMmap>(
                 Box::new(device),
@@ -91,7 +112,8 @@ impl<'a> Placement<'a> {
         let address = self.pci.next_pf_address(slot, total)?;
         let mut functions: Vec<Box<dyn VfFunction>> = Vec::with_capacity(vfs.len());
         let mut vf_addresses = Vec::with_capacity(vfs.len());
-        for (index, (device, behind_iommu)) in (0u16..).zip(vfs) {
+        for (index, (mut device, behind_iommu)) in (0u16..).zip(vfs) {
+            VirtioDevice::<GuestMemoryMmap>::set_thread_hook(&mut device, self.hook.clone());
             let vf = SriovState::vf_address(address, index)
                 .ok_or_else(|| Error::Pci(format!("VF {index} of {address} is off the bus")))?;
             vf_addresses.push(vf);
@@ -104,7 +126,8 @@ impl<'a> Placement<'a> {
                 Box::new(VirtioVf::new(device, self.mem.clone(), None))
             });
         }
-        let (device, behind_iommu) = pf;
+        let (mut device, behind_iommu) = pf;
+        VirtioDevice::<GuestMemoryMmap>::set_thread_hook(&mut device, self.hook.clone());
         let added = if behind_iommu {
             let (mem, dma) = self.endpoint(address)?;
             self.pci.add_virtio_pf::<TranslatedMemory>(
@@ -125,6 +148,36 @@ impl<'a> Placement<'a> {
         };
         debug_assert_eq!(added, address);
         Ok((address, vf_addresses))
+    }
+
+    /// The GSI routing table (for the MSI vectors of passed-through functions).
+    pub fn routing(&self) -> &std::sync::Arc<crate::interrupts::GsiRouting> {
+        self.pci.routing()
+    }
+
+    /// Adds a passed-through function at `slot` (or the first free one). With `mirror`
+    /// it is a hardware endpoint of the virtio-iommu: the mappings of the domain the
+    /// guest attaches it to are kept in `mirror` (the host IOMMU).
+    pub fn add_passthrough(
+        &mut self,
+        device: ferrio_pci::SharedPciDevice,
+        slot: Option<u8>,
+        mirror: Option<std::sync::Arc<dyn ferrio_iommu::DmaMirror>>,
+    ) -> Result<PciAddress, Error> {
+        let address = self.pci.next_address(slot)?;
+        if let Some(mirror) = mirror {
+            let iommu = self.iommu.as_mut().ok_or_else(|| {
+                Error::Pci("iommu=on for a device but there is no virtio-iommu".into())
+            })?;
+            iommu
+                .device
+                .add_hardware_endpoint(endpoint_id(address), mirror)
+                .map_err(|e| Error::Pci(e.to_string()))?;
+            iommu.endpoints.push(address);
+        }
+        let added = self.pci.add_function(device, slot)?;
+        debug_assert_eq!(added, address);
+        Ok(address)
     }
 
     /// Registers the function at `address` as an endpoint of the virtio-iommu: guest

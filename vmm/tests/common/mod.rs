@@ -65,6 +65,12 @@ impl Code {
         self.print_eax()
     }
 
+    /// Appends machine code assembled elsewhere (32-bit protected mode).
+    pub fn raw(mut self, bytes: &[u8]) -> Self {
+        self.0.extend_from_slice(bytes);
+        self
+    }
+
     /// `jmp $` forever.
     pub fn spin(mut self) -> Self {
         self.0.extend([0xeb, 0xfe]);

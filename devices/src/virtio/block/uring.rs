@@ -452,3 +452,45 @@ impl<M: GuestMemory> QueueEngine<M> for UringEngine {
         self.in_flight
     }
 }
+
+/// The io_uring engine of one queue driven on the calling thread, for the fuzz targets
+/// in `fuzz/` (the `test-utils` feature): the worker's calls, without the worker.
+#[cfg(feature = "test-utils")]
+pub struct TestUringQueue(UringEngine);
+
+#[cfg(feature = "test-utils")]
+impl TestUringQueue {
+    /// An engine on `disk`'s file for a queue of `size` entries, marking its guest
+    /// memory accesses in `dma`.
+    pub fn new(disk: &Disk, size: u16, dma: DmaTracker) -> Result<Self, UringError> {
+        let fd = disk.backend.raw_file().ok_or(UringError::NoFile)?;
+        Ok(Self(UringEngine::new(UringRing::new(fd, size)?, dma)))
+    }
+
+    /// Pops up to `budget` chains and submits them (a worker's kick).
+    pub fn serve<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        disk: &Disk,
+        budget: usize,
+    ) -> Result<QueueStats, QueueError> {
+        QueueEngine::serve(&mut self.0, queue, mem, disk, budget)
+    }
+
+    /// Completes what finished; `wait`: at least one request, if any is in flight.
+    pub fn reap<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        disk: &Disk,
+        wait: bool,
+    ) -> Result<QueueStats, QueueError> {
+        QueueEngine::reap(&mut self.0, queue, mem, disk, wait)
+    }
+
+    /// Requests submitted and not completed yet.
+    pub fn in_flight(&self) -> usize {
+        self.0.in_flight
+    }
+}

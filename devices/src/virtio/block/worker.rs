@@ -15,7 +15,7 @@ use super::queue::{QueueError, QueueStats};
 use super::request::Disk;
 use super::uring::{UringEngine, UringRing};
 use crate::dma::DmaTracker;
-use crate::virtio::worker_util::{pollin, Wake, WorkerBase, WorkerThread};
+use crate::virtio::worker_util::{pollin, ThreadHook, Wake, WorkerBase, WorkerKind, WorkerThread};
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 
 /// Everything one worker needs, moved into its thread.
@@ -38,11 +38,18 @@ pub(super) enum EngineSetup {
 /// A running worker thread.
 pub(super) type Worker = WorkerThread<()>;
 
-/// Starts the `virtio-blk-q<index>` thread.
-pub(super) fn spawn<M: GuestMemory + Send + 'static>(ctx: WorkerCtx<M>) -> io::Result<Worker> {
+/// Starts the `virtio-blk-q<index>` thread; `hook` runs first in it.
+pub(super) fn spawn<M: GuestMemory + Send + 'static>(
+    hook: &ThreadHook,
+    ctx: WorkerCtx<M>,
+) -> io::Result<Worker> {
     let name = format!("virtio-blk-q{}", ctx.queue.index);
     let interrupt = ctx.interrupt.clone();
-    WorkerThread::spawn(name, interrupt, move |base| {
+    let kind = match ctx.engine {
+        EngineSetup::Sync => WorkerKind::Blk,
+        EngineSetup::Uring(_) => WorkerKind::BlkUring,
+    };
+    WorkerThread::spawn(name, kind, hook, interrupt, move |base| {
         let mut ctx = ctx;
         let setup = std::mem::replace(&mut ctx.engine, EngineSetup::Sync);
         let dma = ctx.dma.clone();

@@ -11,7 +11,7 @@ use vm_memory::GuestMemory;
 use super::queue;
 use super::{InputSource, SharedSink, MAX_PENDING_INPUT, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaTracker;
-use crate::virtio::worker_util::{pollin, Wake, WorkerBase, WorkerThread};
+use crate::virtio::worker_util::{pollin, ThreadHook, Wake, WorkerBase, WorkerKind, WorkerThread};
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 
 /// Largest single read from the input.
@@ -43,10 +43,14 @@ pub(super) struct WorkerCtx<M> {
 /// pending (`None` if the thread panicked).
 pub(super) type Worker = WorkerThread<HostInput>;
 
-/// Starts the `virtio-console` thread.
-pub(super) fn spawn<M: GuestMemory + Send + 'static>(ctx: WorkerCtx<M>) -> io::Result<Worker> {
+/// Starts the `virtio-console` thread; `hook` runs first in it.
+pub(super) fn spawn<M: GuestMemory + Send + 'static>(
+    hook: &ThreadHook,
+    ctx: WorkerCtx<M>,
+) -> io::Result<Worker> {
     let interrupt = ctx.interrupt.clone();
-    WorkerThread::spawn("virtio-console".into(), interrupt, move |base| {
+    let name = "virtio-console".to_owned();
+    WorkerThread::spawn(name, WorkerKind::Console, hook, interrupt, move |base| {
         let mut worker = WorkerLoop {
             ctx,
             base,

@@ -32,7 +32,9 @@ use super::rx::{self, RxFill, RxParams, RxState};
 use super::stats::NetStats;
 use super::tx;
 use crate::dma::DmaTracker;
-use crate::virtio::worker_util::{pollfd, pollin, Wake, WorkerBase, WorkerThread};
+use crate::virtio::worker_util::{
+    pollfd, pollin, ThreadHook, Wake, WorkerBase, WorkerKind, WorkerThread,
+};
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 
 /// Frames one pass serves per direction before looking at the other fds.
@@ -72,11 +74,14 @@ pub(super) struct WorkerCtx<M> {
 /// A running worker thread.
 pub(super) type Worker = WorkerThread<()>;
 
-/// Starts the `virtio-net-q<pair>` thread.
-pub(super) fn spawn<M: GuestMemory + Send + 'static>(ctx: WorkerCtx<M>) -> io::Result<Worker> {
+/// Starts the `virtio-net-q<pair>` thread; `hook` runs first in it.
+pub(super) fn spawn<M: GuestMemory + Send + 'static>(
+    hook: &ThreadHook,
+    ctx: WorkerCtx<M>,
+) -> io::Result<Worker> {
     let name = format!("virtio-net-q{}", ctx.pair);
     let interrupt = ctx.interrupt.clone();
-    WorkerThread::spawn(name, interrupt, move |base| {
+    WorkerThread::spawn(name, WorkerKind::Net, hook, interrupt, move |base| {
         WorkerLoop {
             ctx,
             base,

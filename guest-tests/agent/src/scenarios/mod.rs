@@ -7,8 +7,10 @@ use crate::report::Reporter;
 pub mod blk;
 pub mod boot;
 pub mod fio;
+pub mod hostile;
 pub mod iommu;
 pub mod net;
+pub mod passthrough;
 pub mod pci;
 pub mod sriov;
 pub mod vfio;
@@ -27,6 +29,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("iommu", iommu::run),
     ("vfio-in-guest", vfio::run),
     ("sriov", sriov::run),
+    ("vfio-passthrough", passthrough::run),
+    ("hostile", hostile::run),
     ("selftest-panic", selftest_panic),
 ];
 

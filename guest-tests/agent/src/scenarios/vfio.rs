@@ -14,11 +14,11 @@
 //! unmapped size), and the function goes back to virtio-pci, where the kernel's
 //! driver must read what the user-space driver wrote.
 
-mod bind;
+pub(crate) mod bind;
 mod device;
 mod userblk;
 pub mod usernet;
-mod virtio;
+pub(crate) mod virtio;
 
 use std::time::Duration;
 

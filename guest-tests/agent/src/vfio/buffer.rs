@@ -37,6 +37,77 @@ impl DmaBuffer {
         })
     }
 
+    /// `len` bytes (a multiple of 2 MiB) of hugetlbfs memory, locked: physically
+    /// contiguous within each 2 MiB page and never moved, so a device may DMA to its
+    /// physical address ([`Self::physical_address`]) with no IOMMU in between (VFIO's
+    /// no-IOMMU mode). Needs huge pages reserved in /proc/sys/vm/nr_hugepages.
+    pub fn hugetlb(len: usize) -> Result<DmaBuffer, String> {
+        // SAFETY: an anonymous private mapping at an address of the kernel's choice;
+        // the result is checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_HUGETLB
+                    | libc::MAP_POPULATE
+                    | libc::MAP_LOCKED,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap {len} bytes of huge pages: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: advice on the mapping just made, `len` bytes long (see `new`).
+        unsafe { libc::madvise(ptr, len, libc::MADV_DONTFORK) };
+        let buf = DmaBuffer {
+            ptr: ptr.cast(),
+            len,
+        };
+        // Touch every page so that each is backed before its address is looked up.
+        for page in (0..len).step_by(4096) {
+            buf.write(page, &[0])?;
+        }
+        Ok(buf)
+    }
+
+    /// The physical address of the buffer's first byte, from /proc/self/pagemap (root
+    /// only); an error unless every 4 KiB page follows the previous one physically.
+    pub fn physical_address(&self) -> Result<u64, String> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open("/proc/self/pagemap")
+            .map_err(|e| format!("open /proc/self/pagemap: {e}"))?;
+        let pages = self.len.div_ceil(4096);
+        let mut entries = vec![0u8; pages * 8];
+        file.read_exact_at(&mut entries, self.addr() / 4096 * 8)
+            .map_err(|e| format!("read /proc/self/pagemap: {e}"))?;
+        let mut first = None;
+        for (i, entry) in entries.chunks_exact(8).enumerate() {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(entry);
+            let entry = u64::from_le_bytes(raw);
+            let pfn = entry & ((1 << 55) - 1);
+            if entry & (1 << 63) == 0 || pfn == 0 {
+                return Err(format!("page {i} not present (pagemap entry {entry:#x})"));
+            }
+            let base = *first.get_or_insert(pfn);
+            if pfn != base + i as u64 {
+                return Err(format!(
+                    "page {i} at pfn {pfn:#x} does not follow pfn {base:#x}"
+                ));
+            }
+        }
+        first
+            .map(|pfn| pfn * 4096)
+            .ok_or_else(|| "empty buffer".into())
+    }
+
     pub fn addr(&self) -> u64 {
         self.ptr as u64
     }

@@ -6,11 +6,13 @@
 
 mod buffer;
 mod eventfd;
+mod mmio;
 pub mod pci;
 pub mod uapi;
 
 pub use buffer::DmaBuffer;
 pub use eventfd::EventFd;
+pub use mmio::Mmio;
 
 use std::fs::File;
 use std::io;
@@ -179,6 +181,11 @@ impl Group {
         open_rw(&format!("/dev/vfio/{id}")).map(|file| Group { file })
     }
 
+    /// A group by its device node, e.g. `/dev/vfio/noiommu-0` (no-IOMMU mode).
+    pub fn open_path(path: &str) -> Result<Group, String> {
+        open_rw(path).map(|file| Group { file })
+    }
+
     /// `VFIO_GROUP_FLAGS_*`.
     pub fn status(&self) -> Result<u32, String> {
         let mut status = GroupStatus {
@@ -294,6 +301,38 @@ impl Device {
             },
             "VFIO_DEVICE_SET_IRQS (eventfd)",
         )
+    }
+
+    /// Routes vectors `start..start + eventfds.len()` of IRQ index `index` to
+    /// `eventfds`, in one call (enabling the index with that many vectors).
+    pub fn set_irq_eventfds(&self, index: u32, start: u32, eventfds: &[i32]) -> Result<(), String> {
+        let count = u32::try_from(eventfds.len()).map_err(|_| "too many eventfds")?;
+        // u32 storage: `struct vfio_irq_set` is 4-byte aligned, its data follows it.
+        let mut buf = vec![0u32; IRQ_SET_HEADER_LEN as usize / 4 + eventfds.len()];
+        buf[0] = IRQ_SET_HEADER_LEN + 4 * count;
+        buf[1] = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+        buf[2] = index;
+        buf[3] = start;
+        buf[4] = count;
+        for (slot, &fd) in buf[5..].iter_mut().zip(eventfds) {
+            *slot = fd as u32;
+        }
+        ioctl(
+            &self.file,
+            VFIO_DEVICE_SET_IRQS,
+            buf.as_mut_ptr() as libc::c_ulong,
+            "VFIO_DEVICE_SET_IRQS (eventfds)",
+        )
+        .map(drop)
+    }
+
+    /// Maps all of `region` (a BAR the kernel allows to mmap) into the address space.
+    pub fn map_region(&self, region: &RegionInfo) -> Result<Mmio, String> {
+        if region.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+            return Err(format!("region {} cannot be mmapped", region.index));
+        }
+        let len = usize::try_from(region.size).map_err(|_| "region too large")?;
+        Mmio::map(&self.file, region.offset, len)
     }
 
     /// Loopback: makes the kernel signal the vector's eventfd as if the device had.

@@ -12,6 +12,8 @@ const fn vfio_io(n: u64) -> u64 {
 
 pub const VFIO_API_VERSION: i32 = 0;
 pub const VFIO_TYPE1V2_IOMMU: u64 = 3;
+/// The no-IOMMU "IOMMU" (`enable_unsafe_noiommu_mode`): no DMA mapping at all.
+pub const VFIO_NOIOMMU_IOMMU: u64 = 8;
 
 pub const VFIO_GET_API_VERSION: u64 = vfio_io(0);
 pub const VFIO_CHECK_EXTENSION: u64 = vfio_io(1);

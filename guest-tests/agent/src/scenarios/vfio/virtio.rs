@@ -12,21 +12,21 @@ use crate::vfio::uapi::RegionInfo;
 use crate::vfio::{Device, DmaBuffer, EventFd};
 
 /// Common configuration registers (virtio 1.2, 4.1.4.3).
-const DEVICE_FEATURE_SELECT: u64 = 0x00;
-const DEVICE_FEATURE: u64 = 0x04;
-const DRIVER_FEATURE_SELECT: u64 = 0x08;
-const DRIVER_FEATURE: u64 = 0x0c;
-const CONFIG_MSIX_VECTOR: u64 = 0x10;
+pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+pub const DEVICE_FEATURE: u64 = 0x04;
+pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+pub const DRIVER_FEATURE: u64 = 0x0c;
+pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
 pub const NUM_QUEUES: u64 = 0x12;
 pub const DEVICE_STATUS: u64 = 0x14;
-const QUEUE_SELECT: u64 = 0x16;
-const QUEUE_SIZE: u64 = 0x18;
-const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-const QUEUE_ENABLE: u64 = 0x1c;
-const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-const QUEUE_DESC: u64 = 0x20;
-const QUEUE_DRIVER: u64 = 0x28;
-const QUEUE_DEVICE: u64 = 0x30;
+pub const QUEUE_SELECT: u64 = 0x16;
+pub const QUEUE_SIZE: u64 = 0x18;
+pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+pub const QUEUE_ENABLE: u64 = 0x1c;
+pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+pub const QUEUE_DESC: u64 = 0x20;
+pub const QUEUE_DRIVER: u64 = 0x28;
+pub const QUEUE_DEVICE: u64 = 0x30;
 
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
 pub const STATUS_DRIVER: u8 = 2;
@@ -470,6 +470,25 @@ impl<'a> Transport<'a> {
         let status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
         self.set_status(status | STATUS_DRIVER_OK)?;
         self.status()
+    }
+
+    /// Raw write of `bytes` at `offset` of the common configuration (one access of
+    /// that width, whatever the register): for drivers that test how a device takes
+    /// writes a well-behaved driver never makes.
+    pub fn write_common(&self, offset: u64, bytes: &[u8]) -> Result<(), String> {
+        self.dev
+            .write(&self.common.region, self.common.base + offset, bytes)
+    }
+
+    /// Raw read of `out.len()` bytes at `offset` of the common configuration.
+    pub fn read_common(&self, offset: u64, out: &mut [u8]) -> Result<(), String> {
+        self.dev
+            .read(&self.common.region, self.common.base + offset, out)
+    }
+
+    /// Where queue `q`'s doorbell is: the region (BAR) index and the offset in it.
+    pub fn notify_location(&self, q: &QueueInfo) -> (u32, u64) {
+        (self.notify.region.index, self.notify.base + q.notify_at)
     }
 
     /// Notifies queue `q` (writes its index at its notification address).
